@@ -1,0 +1,142 @@
+"""Typed, validated configuration.
+
+Precedence (highest first): command-line overrides (`data.batch_per_rank=128`),
+the YAML file given with `--config`, the defaults below. Every field is checked
+before any work starts; an unknown key, a wrong type or an out-of-range value
+raises `ConfigError` naming the key, where it came from and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipeline.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are not coerced silently."""
+
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+
+
+class DataConfig(Section):
+    shards: str = Field(
+        "data/mnist32/manifest.json",
+        description="manifest.json (or the folder holding it) written by `pipeline prepare`, "
+        "or a shard URL pattern with brace expansion, e.g. /data/train-{000000..000009}.tar "
+        "or https://host/train-{0..9}.tar",
+    )
+    split: str = Field("train", description="which split of the manifest to read")
+    batch_per_rank: int = Field(64, ge=1, description="images per batch on each rank")
+    workers: int = Field(2, ge=0, le=64, description="DataLoader worker processes per rank")
+    shuffle: bool = Field(True, description="shuffle shard order and samples, from (seed, epoch)")
+    shuffle_window: int = Field(
+        4096, ge=1, description="samples shuffled together inside a rank's slice (rounded up to whole batches)"
+    )
+    epoch_remainder: Literal["drop", "pad"] = Field(
+        "drop",
+        description="samples that do not fill world_size*batch_per_rank: drop them (different ones each "
+        "epoch) or pad by repeating the first samples of the epoch",
+    )
+    allow_pipe: bool = Field(False, description="allow `pipe:` shard URLs, which run shell commands")
+    verify: bool = Field(False, description="check every shard's sha256 against the manifest at start")
+    prefetch_batches: int = Field(2, ge=1, description="batches each worker prepares ahead")
+    timeout_s: float = Field(300.0, gt=0, description="longest wait for one batch from a worker")
+
+
+class Config(Section):
+    seed: int = Field(0, ge=0, description="seed of every random choice (data order, init, latents)")
+    data: DataConfig = Field(default_factory=DataConfig)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value); the value is parsed as YAML (128 -> int, true -> bool)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. data.batch_per_rank=128")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def _set_dotted(tree: dict, path: list[str], value: Any, origin: str) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])}: is a value, not a section ({origin})")
+        node = child
+    node[path[-1]] = value
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the section that `loc` (minus its last element) points into."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict, model: type[BaseModel], origin: str) -> str:
+    key = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        valid = _valid_keys(model, error["loc"])
+        close = difflib.get_close_matches(str(error["loc"][-1]), valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{key}: unknown key ({origin}){hint} valid keys here: {', '.join(valid)}"
+    return f"{key}: {error['msg']} (got {error.get('input')!r}, {origin})"
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Defaults < YAML file < overrides, validated. Raises ConfigError with every problem listed."""
+    tree: dict = {}
+    file_label = "defaults"
+    if path is not None:
+        file_label = str(path)
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: cannot read ({exc.strerror})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    overridden: set[tuple[str, ...]] = set()
+    for text in overrides:
+        keys, value = parse_override(text)
+        _set_dotted(tree, keys, value, "command-line override")
+        overridden.add(tuple(keys))
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            loc = tuple(str(p) for p in error["loc"])
+            from_override = any(loc[: len(k)] == k or k[: len(loc)] == loc for k in overridden)
+            origin = "command-line override" if from_override else f"in {file_label}"
+            lines.append(_describe(error, Config, origin))
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

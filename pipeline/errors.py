@@ -1,0 +1,11 @@
+"""Errors that are the user's to fix: printed as one clear message, no traceback."""
+
+
+class UserError(Exception):
+    """Bad input (config, path, data). The CLI prints the message and exits with `exit_code`."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A config file or override that does not validate."""
