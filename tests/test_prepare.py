@@ -200,7 +200,7 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert replaced.returncode == 0 and load_manifest(tmp_path / "out")["resolution"] == 16
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_overwrite_keeps_previous_dataset(tmp_path, sig):
     make_npz(tmp_path / "small.npz", 20)
     make_npz(tmp_path / "big.npz", 60000, side=64, channels=3)
@@ -216,12 +216,13 @@ def test_interrupted_overwrite_keeps_previous_dataset(tmp_path, sig):
         time.sleep(0.05)  # wait until shards are being written
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == (130 if sig == signal.SIGINT else -signal.SIGKILL), stderr
+    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), stderr
     assert (tmp_path / "out" / "manifest.json").read_bytes() == before
     manifest = load_manifest(tmp_path / "out")
     for shard in manifest["splits"]["train"]["shards"]:
         assert sha256_file(tmp_path / "out" / shard["name"]) == shard["sha256"]
-    if sig == signal.SIGINT:
+    if sig != signal.SIGKILL:
+        assert "interrupted" in stderr
         assert not list((tmp_path / "out").glob(".staging-*"))
     # the next run cleans up whatever a killed run left behind
     prepare(str(tmp_path / "small.npz"), tmp_path / "out", Transform(8, 1), workers=1, overwrite=True, progress=False)

@@ -1,0 +1,194 @@
+"""The distributed loader: equal batches on every rank, determinism, exact resume, bad data.
+
+Each rank's loader is built here as rank r of world size W in one process: the
+loader never communicates (its plan is a pure function of the config), so this is
+exactly what each rank runs. test_loader_distributed.py runs it on real gloo ranks.
+"""
+
+import functools
+import http.server
+import io
+import logging
+import math
+import tarfile
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import DataConfig
+from pipeline.data.loader import ShardedLoader
+from pipeline.errors import UserError
+
+N_SAMPLES = 103  # the small_shards fixture: 11 shards of 10, 10, ..., 3
+
+
+def loader_for(shards, rank=0, world=1, seed=0, **overrides):
+    config = DataConfig(**({"shards": str(shards), "batch_per_rank": 4, "workers": 0, "shuffle_window": 8} | overrides))
+    return ShardedLoader(config, seed, rank, world)
+
+
+def epoch_keys(loader):
+    return [batch.keys for batch in loader]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 1, 2])
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_every_rank_gets_the_same_batch_count(small_shards, world, workers, remainder):
+    shards, _, _ = small_shards
+    per_rank = [epoch_keys(loader_for(shards, r, world, workers=workers, epoch_remainder=remainder)) for r in range(world)]
+    group = world * 4
+    expected = (math.ceil if remainder == "pad" else math.floor)(N_SAMPLES / group)
+    assert [len(batches) for batches in per_rank] == [expected] * world
+    assert all(len(batch) == 4 for batches in per_rank for batch in batches)
+    seen = Counter(key for batches in per_rank for batch in batches for key in batch)
+    repeated = sum(count - 1 for count in seen.values())
+    if remainder == "drop":
+        assert repeated == 0 and len(seen) == expected * group  # N mod G samples left out, nothing doubled
+        assert N_SAMPLES - len(seen) == N_SAMPLES % group
+    else:
+        assert len(seen) == N_SAMPLES  # every sample seen; the documented padding repeats G - N mod G
+        assert repeated == expected * group - N_SAMPLES < group
+
+
+def test_batch_sequence_does_not_depend_on_worker_count(small_shards):
+    shards, _, _ = small_shards
+    reference = epoch_keys(loader_for(shards, 1, 2, workers=0))
+    assert epoch_keys(loader_for(shards, 1, 2, workers=2)) == reference
+    assert epoch_keys(loader_for(shards, 1, 2, workers=3, prefetch_batches=1)) == reference
+
+
+def test_shuffle_is_a_function_of_seed_and_epoch(small_shards):
+    shards, _, _ = small_shards
+    first = loader_for(shards, seed=5)
+    epochs = [epoch_keys(first), epoch_keys(first)]
+    again = loader_for(shards, seed=5)
+    assert [epoch_keys(again), epoch_keys(again)] == epochs  # same seed: same order, epoch after epoch
+    assert epochs[0] != epochs[1]  # a new order each epoch
+    assert epoch_keys(loader_for(shards, seed=6)) != epochs[0]
+    flat = [k for batch in epochs[0] for k in batch]
+    assert flat != sorted(flat)  # samples are mixed, not just shards
+    unshuffled = [k for batch in epoch_keys(loader_for(shards, shuffle=False)) for k in batch]
+    assert unshuffled == sorted(unshuffled)
+
+
+def test_batches_hold_the_stored_images_and_labels(small_shards):
+    shards, images, labels = small_shards
+    for batch in loader_for(shards, workers=1):
+        assert batch.images.dtype == torch.float32 and batch.images.shape == (4, 1, 8, 8)
+        assert batch.images.min() >= -1 and batch.images.max() <= 1
+        index = [int(key) for key in batch.keys]
+        expected = torch.from_numpy(images[index]).float().div(127.5).sub(1).unsqueeze(1)
+        assert torch.equal(batch.images, expected)
+        assert batch.labels.tolist() == labels[index].tolist()
+
+
+@pytest.mark.parametrize("stop_after", [3, 11, 13])  # mid-epoch, at the epoch's end, in the second epoch
+def test_resume_two_ranks_two_workers_yields_the_same_batches(small_shards, stop_after):
+    shards, _, _ = small_shards
+    for rank in range(2):
+        straight = loader_for(shards, rank, 2, workers=2)
+        straight_keys = [b.keys for _, b in zip(range(20), straight.forever())]
+        first = loader_for(shards, rank, 2, workers=2)
+        keys = [b.keys for _, b in zip(range(stop_after), first.forever())]
+        state = first.state_dict()
+        resumed = loader_for(shards, rank, 2, workers=2)
+        resumed.load_state_dict(state)
+        keys += [b.keys for _, b in zip(range(20 - stop_after), resumed.forever())]
+        assert keys == straight_keys, f"rank {rank}"
+
+
+def rewrite_member(path, member_name, data):
+    """Replace one member's bytes (same tar structure, new content)."""
+    with tarfile.open(path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for member, content in members:
+            content = data if member.name == member_name else content
+            member.size = len(content)
+            tf.addfile(member, io.BytesIO(content))
+
+
+def test_corrupt_sample_is_skipped_counted_and_logged(small_shards, caplog):
+    shards, _, _ = small_shards
+    rewrite_member(shards / "train-000002.tar", "000000021.png", b"\x89PNG\r\n\x1a\n garbage")
+    loader = loader_for(shards, shuffle=False)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        batches = list(loader)
+    assert len(batches) == N_SAMPLES // 4
+    assert loader.corrupt_samples == 1 and sum(b.n_corrupt for b in batches) == 1
+    assert "000000021" not in [k for b in batches for k in b.keys]
+    assert "skipping corrupt sample 000000021" in caplog.text and "train-000002.tar" in caplog.text
+
+
+def test_wrong_image_shape_counts_as_corrupt(small_shards):
+    shards, _, _ = small_shards
+    from PIL import Image
+
+    big = io.BytesIO()
+    Image.new("L", (9, 9)).save(big, format="PNG")
+    rewrite_member(shards / "train-000000.tar", "000000003.png", big.getvalue())
+    loader = loader_for(shards, workers=2)
+    assert len(list(loader)) == N_SAMPLES // 4 and loader.corrupt_samples == 1
+
+
+def test_truncated_shard_keeps_batch_counts_equal(small_shards):
+    shards, _, _ = small_shards
+    path = shards / "train-000004.tar"
+    path.write_bytes(path.read_bytes()[: 512 * 9])  # keeps the first samples, cuts one mid-member
+    per_rank = [loader_for(shards, r, 2, workers=2) for r in range(2)]
+    counts = [len(list(loader)) for loader in per_rank]
+    assert counts == [N_SAMPLES // 8] * 2
+    assert sum(loader.corrupt_samples for loader in per_rank) >= 8  # most of the shard's 10 samples are gone
+
+
+def test_missing_shard_is_an_error_at_start(small_shards):
+    shards, _, _ = small_shards
+    (shards / "train-000007.tar").unlink()
+    with pytest.raises(UserError, match="1 shard\\(s\\) missing or unreachable: .*train-000007.tar"):
+        loader_for(shards)
+
+
+def test_verify_checks_sha256(small_shards):
+    shards, _, _ = small_shards
+    loader_for(shards, verify=True)  # intact: passes
+    path = shards / "train-000003.tar"
+    data = bytearray(path.read_bytes())
+    data[700] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="sha256 mismatch .* train-000003.tar"):
+        loader_for(shards, verify=True)
+
+
+def test_dataset_too_small_for_one_batch_per_rank(small_shards):
+    shards, _, _ = small_shards
+    with pytest.raises(UserError, match="cannot fill one batch on every rank.*epoch_remainder: pad"):
+        loader_for(shards, world=3, batch_per_rank=40)
+    assert len(loader_for(shards, world=3, batch_per_rank=40, epoch_remainder="pad")) == 1
+
+
+def test_pipe_urls_are_refused_unless_allowed(small_shards):
+    shards, _, _ = small_shards
+    pattern = f"pipe:cat {shards}/train-{{000000..000010}}.tar"
+    with pytest.raises(UserError, match="runs a shell command.*allow_pipe"):
+        loader_for(pattern)
+    allowed = loader_for(pattern, allow_pipe=True, shuffle=False)
+    assert epoch_keys(allowed) == epoch_keys(loader_for(shards, shuffle=False))
+
+
+def test_url_pattern_over_http(small_shards):
+    shards, _, _ = small_shards
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        loader = loader_for(f"{base}/train-{{000000..000010}}.tar", workers=2)
+        assert epoch_keys(loader) == epoch_keys(loader_for(shards, workers=2))
+        with pytest.raises(UserError, match="missing or unreachable: .*train-000011.tar"):
+            loader_for(f"{base}/train-{{000010..000011}}.tar")
+    finally:
+        server.shutdown()
