@@ -1,0 +1,1 @@
+"""Data: sources -> shards (prepare), shards -> batches (loader)."""

@@ -1,0 +1,286 @@
+"""The distributed, resumable shard loader.
+
+Which ranks run it: every rank builds its own `ShardedLoader(rank, world_size)`; the
+plan below is a pure function of (shard counts, seed, epoch, world size, batch), so
+ranks agree without talking to each other.
+
+How an epoch is laid out
+1. Shard order is permuted with (seed, epoch); concatenating the shards in that
+   order gives the epoch's stream of N samples.
+2. Equalising: every rank must yield the same number of batches, or the rank that
+   runs short leaves the others hanging in an all-reduce. With G = world_size *
+   batch_per_rank, each rank yields `N // G` batches (`epoch_remainder: drop`: the
+   last N mod G < G samples of the stream are not seen this epoch; the shard order
+   changes each epoch, so different ones are dropped) or `ceil(N / G)` batches
+   (`pad`: the stream wraps around, repeating its first G - N mod G samples; no
+   sample is repeated when G divides N). Nothing else is dropped or repeated.
+3. Rank r takes the r-th contiguous slice of the stream, so it reads about 1/world
+   of the shards. Inside the slice, samples are shuffled within windows of
+   `shuffle_window` samples (rounded up to whole batches) with (seed, epoch, rank).
+4. The slice is cut into batches. DataLoader worker w of W builds batches
+   w, w+W, w+2W, ... and the DataLoader returns workers' batches round-robin, so
+   the batch sequence does not depend on the worker count.
+
+Resume: `state_dict()` is (epoch, batches consumed); a loader restored from it
+yields exactly the batches an uninterrupted loader would have yielded next.
+
+Bad data: a sample that does not decode to the dataset's shape, and the samples
+missing from a truncated shard, are replaced by another sample of the same batch
+(so batch shapes and counts stay equal on every rank), counted and logged.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.config import DataConfig
+from pipeline.data.shards import iter_samples, resolve_shards, verify_shards
+from pipeline.errors import UserError
+
+log = logging.getLogger("pipeline.data")
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # float32 N x C x H x W in [-1, 1] (uint8 N x H x W x C while in transit from workers)
+    labels: torch.Tensor | None  # int64 N, when the shards carry .cls
+    keys: list[str]  # sample keys as delivered (a replaced corrupt sample shows its replacement's key)
+    n_corrupt: int  # samples of this batch that were corrupt or missing and got replaced
+
+
+@dataclass(frozen=True)
+class EpochLayout:
+    """The plan's inputs that every rank shares."""
+
+    counts: tuple[int, ...]  # samples per shard, in manifest / URL order
+    world_size: int
+    rank: int
+    batch_per_rank: int
+    seed: int
+    shuffle: bool
+    shuffle_window: int
+    epoch_remainder: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        group = self.world_size * self.batch_per_rank
+        rounding = math.ceil if self.epoch_remainder == "pad" else math.floor
+        return int(rounding(self.total / group))
+
+    def rank_batches(self, epoch: int) -> np.ndarray:
+        """(batches_per_epoch, batch_per_rank, 2) array of (shard index, sample index in shard)."""
+        n_batches, batch = self.batches_per_epoch, self.batch_per_rank
+        counts = np.asarray(self.counts, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, epoch])
+        shard_order = rng.permutation(len(counts)) if self.shuffle else np.arange(len(counts))
+        ends = np.cumsum(counts[shard_order])  # stream position where each (ordered) shard ends
+        per_rank = n_batches * batch
+        positions = np.arange(self.rank * per_rank, (self.rank + 1) * per_rank, dtype=np.int64) % self.total
+        if self.shuffle:
+            window = math.ceil(self.shuffle_window / batch) * batch
+            for w, start in enumerate(range(0, per_rank, window)):
+                window_rng = np.random.default_rng([self.seed, epoch, self.rank, w])
+                positions[start : start + window] = window_rng.permutation(positions[start : start + window])
+        slot = np.searchsorted(ends, positions, side="right")
+        first = ends[slot] - counts[shard_order][slot]
+        return np.stack([shard_order[slot], positions - first], axis=-1).reshape(n_batches, batch, 2)
+
+
+def _decode(files: dict, shape: tuple[int, int, int] | None) -> np.ndarray:
+    ext = next((e for e in IMAGE_EXTS if e in files), None)
+    if ext is None:
+        raise ValueError(f"no image member (has: {', '.join(files) or 'nothing'})")
+    image = Image.open(io.BytesIO(files[ext]))
+    image.load()
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if shape is not None and array.shape != shape:
+        raise ValueError(f"decoded shape {array.shape} differs from the dataset's {shape}")
+    return array
+
+
+class _EpochDataset(IterableDataset):
+    """One epoch's remaining batches for one rank. Runs in DataLoader workers (or in the
+    main process when workers == 0); yields uint8 batches, decoded in the worker."""
+
+    def __init__(self, urls: list[str], layout: EpochLayout, epoch: int, start_batch: int, shape):
+        self.urls, self.layout, self.epoch, self.start_batch, self.shape = urls, layout, epoch, start_batch, shape
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        layout = self.layout
+        batch_ids = list(range(self.start_batch, layout.batches_per_epoch))[worker::n_workers]
+        if not batch_ids:
+            return
+        plan = layout.rank_batches(self.epoch)
+        wanted: dict[int, set[int]] = {}
+        for shard, index in plan[batch_ids].reshape(-1, 2).tolist():
+            wanted.setdefault(shard, set()).add(index)
+        cursors: dict[int, _ShardCursor] = {}
+        self._plan, self._fallback = plan, None
+        # Samples inside a window are shuffled, but each shard is read forward: read a window's
+        # worth of this worker's samples in shard order first, then assemble its batches.
+        window_batches = math.ceil(layout.shuffle_window / layout.batch_per_rank) if layout.shuffle else 1
+        for _, group in itertools.groupby(batch_ids, key=lambda b: b // window_batches):
+            group = list(group)
+            needed = sorted({tuple(p) for b in group for p in plan[b].tolist()})
+            raw = {}
+            for shard, index in needed:
+                cursor = cursors.get(shard)
+                if cursor is None or index < cursor.next_index:  # `pad` wrapped the stream around
+                    cursor = cursors[shard] = _ShardCursor(self.urls[shard], wanted[shard])
+                raw[shard, index] = cursor.read(index)
+            for b in group:
+                yield self._assemble([raw[tuple(p)] + (self.urls[p[0]],) for p in plan[b].tolist()])
+
+    def _assemble(self, entries: list[tuple]) -> Batch:
+        """Decode one batch; corrupt or missing samples are replaced by a good one of the batch."""
+        samples, n_bad = [], 0
+        for key, files, url in entries:
+            try:
+                if isinstance(files, Exception):
+                    raise files
+                array = _decode(files, self.shape)
+                self.shape = self.shape or array.shape
+                label = int(files["cls"]) if "cls" in files else None
+                samples.append((array, label, key))
+            except Exception as exc:  # a corrupt image is a counted skip, never a crash
+                n_bad += 1
+                log.warning("skipping corrupt sample %s of %s: %s", key, url, exc)
+                samples.append(None)
+        good = [s for s in samples if s is not None]
+        replacement = good[0] if good else self._first_good_sample()
+        samples = [s if s is not None else replacement for s in samples]
+        images = torch.from_numpy(np.stack([s[0] for s in samples]))
+        labels = torch.tensor([s[1] for s in samples]) if samples[0][1] is not None else None
+        return Batch(images, labels, [s[2] for s in samples], n_bad)
+
+
+    def _first_good_sample(self):
+        """For a batch with no good sample at all (say, inside a truncated shard): the rank's first
+        decodable sample of the epoch, so the choice does not depend on the worker count."""
+        if self._fallback is None:
+            cursors: dict[int, _ShardCursor] = {}
+            for shard, index in self._plan.reshape(-1, 2).tolist():
+                if shard not in cursors or index < cursors[shard].next_index:
+                    cursors[shard] = _ShardCursor(self.urls[shard], set(self._plan[..., 1][self._plan[..., 0] == shard].tolist()))
+                key, files = cursors[shard].read(index)
+                try:
+                    if not isinstance(files, Exception):
+                        array = _decode(files, self.shape)
+                        self._fallback = (array, int(files["cls"]) if "cls" in files else None, key)
+                        break
+                except Exception:
+                    continue
+            else:
+                raise UserError(f"no decodable sample in epoch {self.epoch} of this rank's shards ({self.urls[0]} ...)")
+        return self._fallback
+
+
+class _ShardCursor:
+    """Forward-only reader of one shard's wanted samples."""
+
+    def __init__(self, url: str, wanted: set[int]):
+        self.url = url
+        self.samples = iter_samples(url, wanted.__contains__)
+        self.next_index = 0
+        self.exhausted = False
+
+    def read(self, index: int) -> tuple[str, dict | Exception]:
+        if not self.exhausted:
+            for sample_index, key, files in self.samples:
+                self.next_index = sample_index + 1
+                if sample_index == index:
+                    return key, files
+            self.exhausted = True
+        return f"#{index}", ValueError("sample missing: the shard ends early (truncated?)")
+
+
+def _keep(batch):
+    return batch
+
+
+class ShardedLoader:
+    """Yields `Batch`es for this rank; iterate it once per epoch (or use `forever()`)."""
+
+    def __init__(self, config: DataConfig, seed: int, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.config = config
+        entries, self.manifest = resolve_shards(config.shards, config.split, config.allow_pipe)
+        if config.verify:
+            verify_shards(entries)
+        self.urls = [e.url for e in entries]
+        self.layout = EpochLayout(
+            tuple(e.count for e in entries), world_size, rank, config.batch_per_rank, seed,
+            config.shuffle, config.shuffle_window, config.epoch_remainder,
+        )  # fmt: skip
+        if self.layout.total == 0:
+            raise UserError(f"{config.shards}: the shards hold no samples")
+        if self.layout.batches_per_epoch == 0:
+            raise UserError(
+                f"{config.shards}: {self.layout.total} samples cannot fill one batch on every rank "
+                f"(world_size {world_size} x batch_per_rank {config.batch_per_rank}); "
+                "lower data.batch_per_rank or set data.epoch_remainder: pad"
+            )
+        self.shape = None
+        if self.manifest is not None:
+            self.shape = (self.manifest["resolution"], self.manifest["resolution"], self.manifest["channels"])
+        self.epoch = 0
+        self.batches_consumed = 0
+        self.corrupt_samples = 0
+
+    def __len__(self) -> int:
+        return self.layout.batches_per_epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "corrupt_samples": self.corrupt_samples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.batches_consumed = int(state["batches_consumed"])
+        self.corrupt_samples = int(state.get("corrupt_samples", 0))
+        if not 0 <= self.batches_consumed <= len(self):
+            raise UserError(f"loader state: {self.batches_consumed} batches consumed of a {len(self)}-batch epoch")
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The rest of the current epoch; afterwards the loader stands at the next epoch's start."""
+        dataset = _EpochDataset(self.urls, self.layout, self.epoch, self.batches_consumed, self.shape)
+        workers = self.config.workers
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            collate_fn=_keep,
+            num_workers=workers,
+            prefetch_factor=self.config.prefetch_batches if workers else None,
+            timeout=self.config.timeout_s if workers else 0,  # a stuck worker is an error, not a hang
+            pin_memory=torch.cuda.is_available(),
+        )
+        for batch in loader:
+            self.batches_consumed += 1
+            self.corrupt_samples += batch.n_corrupt
+            images = batch.images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+            yield batch._replace(images=images)
+        if self.batches_consumed >= len(self):
+            self.epoch += 1
+            self.batches_consumed = 0
+
+    def forever(self) -> Iterator[Batch]:
+        while True:
+            yield from self

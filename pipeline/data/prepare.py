@@ -1,0 +1,331 @@
+"""`pipeline prepare SOURCE OUT_DIR`: any image source -> WebDataset tar shards + manifest.json.
+
+Each sample is `<key>.png` (or `.jpg`) plus `<key>.cls` (ASCII class index) when the
+source has labels. Keys are the source's stable item index, zero-padded, so the same
+source always gives the same keys and, with the same options, byte-identical shards.
+
+Crash safety: shards are written into `OUT_DIR/.staging-<pid>/` and moved into place
+only when all are complete; manifest.json is written last by atomic rename, after
+any old manifest has been removed. An interrupted run therefore leaves either the
+previous complete dataset or no manifest, never a manifest naming partial shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+import pipeline
+from pipeline.data.manifest import FORMAT, MANIFEST_NAME, sha256_file, write_json_atomic
+from pipeline.data.sources import Item, cpu_count, iter_chunks, open_source
+from pipeline.errors import UserError
+
+FILTERS = {
+    "box": Image.Resampling.BOX,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+}
+REJECTS_NAME = "rejects.jsonl"
+
+
+@dataclass(frozen=True)
+class Transform:
+    resolution: int = 32
+    channels: int = 1
+    filter: str = "auto"  # box when shrinking, bilinear when enlarging
+    image_format: str = "png"
+    quality: int = 95  # jpg only
+
+    def __post_init__(self):
+        if self.resolution < 4:
+            raise UserError(f"--resolution must be >= 4, got {self.resolution}")
+        if self.channels not in (1, 3):
+            raise UserError(f"--channels must be 1 or 3, got {self.channels}")
+        if self.filter != "auto" and self.filter not in FILTERS:
+            raise UserError(f"--filter must be auto or one of {', '.join(FILTERS)}, got {self.filter!r}")
+        if self.image_format not in ("png", "jpg"):
+            raise UserError(f"--format must be png or jpg, got {self.image_format!r}")
+        if not 1 <= self.quality <= 100:
+            raise UserError(f"--quality must be in 1..100, got {self.quality}")
+
+
+def _to_pil(payload) -> Image.Image:
+    if isinstance(payload, Exception):
+        raise payload
+    if isinstance(payload, np.ndarray):
+        array = payload[..., 0] if payload.ndim == 3 and payload.shape[2] == 1 else payload
+        return Image.fromarray(np.ascontiguousarray(array))
+    data = Path(payload).read_bytes() if isinstance(payload, (str, Path)) else payload
+    image = Image.open(io.BytesIO(data))
+    image.load()  # decode fully now: truncated files fail here, not later
+    return image
+
+
+def _normalise_mode(image: Image.Image, channels: int) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: keep the top 8 bits
+        array = np.asarray(image, dtype=np.uint32)
+        image = Image.fromarray((array >> (16 if image.mode == "I" and array.max() > 65535 else 8)).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def transform_image(payload, transform: Transform) -> bytes:
+    """Decode, center-crop to a square, resize, convert channels, encode."""
+    image = _normalise_mode(_to_pil(payload), transform.channels)
+    width, height = image.size
+    side = min(width, height)
+    if side < 1:
+        raise ValueError("empty image")
+    left, top = (width - side) // 2, (height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
+    if side != transform.resolution:
+        name = transform.filter
+        if name == "auto":
+            name = "box" if side > transform.resolution else "bilinear"
+        image = image.resize((transform.resolution, transform.resolution), FILTERS[name])
+    out = io.BytesIO()
+    if transform.image_format == "png":
+        image.save(out, format="PNG", compress_level=6)
+    else:
+        image.save(out, format="JPEG", quality=transform.quality)
+    return out.getvalue()
+
+
+def _process_chunk(args: tuple[list[Item], Transform]) -> list[tuple]:
+    """Runs in a pool worker. Returns ("ok", index, bytes, label) or ("reject", index, source_id, reason)."""
+    items, transform = args
+    results = []
+    for item in items:
+        try:
+            results.append(("ok", item.index, transform_image(item.payload, transform), item.label))
+        except Exception as exc:  # any decode failure of one image is a reject, never the end of the run
+            results.append(("reject", item.index, item.source_id, f"{type(exc).__name__}: {exc}"))
+    return results
+
+
+def _ignore_interrupts() -> None:
+    """Pool workers leave Ctrl-C / SIGTERM to the parent, which cleans up and stops them."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class _StopFlag:
+    """Records SIGINT/SIGTERM; the write loop checks it between chunks. Raising straight from the
+    handler could fire inside Pool.imap while it holds its condition lock and deadlock terminate()."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        if self.signum is not None:  # second signal: stop now
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        self.signum = signum
+
+    def check(self):
+        if self.signum is not None:
+            raise KeyboardInterrupt(signal.Signals(self.signum).name)
+
+
+def split_of(source_id: str, val_fraction: float, split_seed: int) -> str:
+    """Deterministic per sample, independent of order and of the other samples."""
+    if val_fraction <= 0:
+        return "train"
+    digest = hashlib.sha256(f"{split_seed}:{source_id}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+class ShardWriter:
+    """Writes `<split>-000000.tar`, ... with exactly `samples_per_shard` samples each but the last."""
+
+    def __init__(self, folder: Path, split: str, samples_per_shard: int, ext: str):
+        self.folder, self.split, self.per_shard, self.ext = folder, split, samples_per_shard, ext
+        self.shards: list[dict] = []
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+
+    def _add_member(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: reproducible shards
+        self._tar.addfile(info, io.BytesIO(data))
+
+    def write(self, key: str, image: bytes, label: int | None) -> None:
+        if self._tar is None:
+            name = f"{self.split}-{len(self.shards):06d}.tar"
+            self._tar = tarfile.open(self.folder / name, "w", format=tarfile.USTAR_FORMAT)
+            self.shards.append({"name": name, "count": 0})
+        self._add_member(f"{key}.{self.ext}", image)
+        if label is not None:
+            self._add_member(f"{key}.cls", str(label).encode())
+        self.shards[-1]["count"] += 1
+        if self.shards[-1]["count"] == self.per_shard:
+            self._close_current()
+
+    def _close_current(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._tar = None
+        path = self.folder / self.shards[-1]["name"]
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        self.shards[-1]["bytes"] = path.stat().st_size
+        self.shards[-1]["sha256"] = sha256_file(path)
+
+    def close(self) -> dict:
+        self._close_current()
+        return {"count": sum(s["count"] for s in self.shards), "shards": self.shards}
+
+
+@dataclass
+class PrepareSummary:
+    count: int
+    rejects: int
+    seconds: float
+    splits: dict
+    out_dir: str
+
+    def line(self) -> str:
+        splits = ", ".join(f"{k}: {v['count']} in {len(v['shards'])} shards" for k, v in self.splits.items())
+        rate = self.count / self.seconds if self.seconds > 0 else float("inf")
+        return (
+            f"prepared {self.count} images ({splits}); {self.rejects} rejected; "
+            f"{self.seconds:.1f} s ({rate:.0f} img/s) -> {self.out_dir}"
+        )
+
+
+def _existing_output(out_dir: Path) -> list[Path]:
+    return [p for p in out_dir.iterdir() if p.name == MANIFEST_NAME or p.suffix == ".tar"] if out_dir.is_dir() else []
+
+
+def _commit(staging: Path, out_dir: Path, manifest: dict) -> None:
+    """Old manifest goes first (so it never names replaced shards), new manifest last."""
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)
+    for old in _existing_output(out_dir):
+        old.unlink()
+    (out_dir / REJECTS_NAME).unlink(missing_ok=True)
+    for new in sorted(staging.iterdir()):
+        os.replace(new, out_dir / new.name)
+    write_json_atomic(out_dir / MANIFEST_NAME, manifest)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def prepare(
+    source_spec: str,
+    out_dir: str | Path,
+    transform: Transform = Transform(),
+    samples_per_shard: int = 1000,
+    val_fraction: float = 0.0,
+    split_seed: int = 0,
+    use_labels: bool = True,
+    subset: str = "train",
+    limit: int | None = None,
+    workers: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> PrepareSummary:
+    if samples_per_shard < 1:
+        raise UserError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output {out_dir} exists and is not a folder")
+    if _existing_output(out_dir) and not overwrite:
+        raise UserError(f"{out_dir} already holds shards or a manifest; pass --overwrite to replace them")
+    source = open_source(source_spec, use_labels=use_labels, subset=subset)
+    items = source.items[:limit] if limit else source.items
+    if not items:
+        raise UserError(f"source {source_spec} holds no images")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".staging-*"):  # left by a killed run (SIGKILL cannot clean up)
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out_dir / f".staging-{os.getpid()}"
+    staging.mkdir()
+    ext = transform.image_format
+    writers = {name: ShardWriter(staging, name, samples_per_shard, ext) for name in ("train", "val")}
+    rejects: list[dict] = []
+    key_width = max(9, len(str(len(source.items))))
+    workers = workers or cpu_count()
+    started = time.perf_counter()
+    chunks = [(chunk, transform) for chunk in iter_chunks(items, 256)]
+    # Explicit handlers: a background job may inherit SIGINT ignored, and SIGTERM (scheduler
+    # kill) should clean up the staging folder like Ctrl-C does.
+    stop = _StopFlag()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        # fork start: workers inherit the item list instead of re-listing the source.
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_ignore_interrupts) as pool, tqdm(
+            total=len(items), unit="img", desc="prepare", disable=not progress, mininterval=1.0
+        ) as bar:
+            for results in pool.imap(_process_chunk, chunks):  # ordered: reproducible shard contents
+                stop.check()
+                for kind, index, a, b in results:
+                    if kind == "ok":
+                        source_id = source.items[index].source_id
+                        split = split_of(source_id, val_fraction, split_seed)
+                        writers[split].write(f"{index:0{key_width}d}", a, b)
+                    else:
+                        rejects.append({"index": index, "source_id": a, "reason": b})
+                bar.update(len(results))
+                bar.set_postfix(rejected=len(rejects), refresh=False)
+        stop.check()
+        splits = {name: w.close() for name, w in writers.items() if w.shards}
+        count = sum(s["count"] for s in splits.values())
+        if count == 0:
+            first = rejects[0]["reason"] if rejects else "none"
+            raise UserError(f"source {source_spec}: no valid image among {len(items)} (first reason: {first})")
+        if rejects:
+            with open(staging / REJECTS_NAME, "w") as f:
+                for r in rejects:
+                    f.write(json.dumps(r) + "\n")
+        seconds = time.perf_counter() - started
+        manifest = {
+            "format": FORMAT,
+            "tool_version": pipeline.__version__,
+            "created_unix": int(time.time()),
+            "source": source.describe() | {"used_items": len(items)},
+            "transform": {
+                "resolution": transform.resolution,
+                "channels": transform.channels,
+                "filter": transform.filter,
+                "image_format": transform.image_format,
+                "quality": transform.quality if ext == "jpg" else None,
+                "crop": "center-square",
+            },
+            "resolution": transform.resolution,
+            "channels": transform.channels,
+            "image_ext": ext,
+            "labels": {"num_classes": len(source.class_names), "class_names": source.class_names}
+            if source.class_names
+            else None,
+            "samples_per_shard": samples_per_shard,
+            "split": {"val_fraction": val_fraction, "split_seed": split_seed},
+            "count": count,
+            "rejects": len(rejects),
+            "splits": splits,
+        }
+        _commit(staging, out_dir, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return PrepareSummary(count, len(rejects), seconds, splits, str(out_dir))

@@ -1,0 +1,222 @@
+"""Finding, checking and reading WebDataset tar shards (local paths, file:, http(s):, opt-in pipe:).
+
+Opening goes through webdataset's `gopen`, so http(s) use its curl reader. Reading
+is our own sequential tar walk: it groups members into samples by key, reads the
+data of wanted samples only (on local files the others are skipped by seeking),
+and treats a truncated tail as missing samples instead of a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterator
+from urllib.parse import urlparse
+
+import braceexpand
+from webdataset.gopen import gopen
+
+from pipeline.data.manifest import ShardEntry, load_manifest, manifest_shards
+from pipeline.errors import UserError
+
+log = logging.getLogger("pipeline.data")
+REMOTE_SCHEMES = ("http", "https")
+
+
+def scheme_of(url: str) -> str:
+    parsed = urlparse(url)
+    return "" if len(parsed.scheme) <= 1 else parsed.scheme  # "C:" style drive letters are local
+
+
+def check_allowed(url: str, allow_pipe: bool) -> None:
+    scheme = scheme_of(url)
+    if scheme == "pipe" and not allow_pipe:
+        raise UserError(
+            f"shard URL {url!r} runs a shell command; refused unless the config sets data.allow_pipe: true"
+        )
+    if scheme not in ("", "file", "pipe", *REMOTE_SCHEMES):
+        raise UserError(f"shard URL {url!r}: unsupported scheme {scheme!r} (use a path, file:, http(s): or pipe:)")
+
+
+def local_path(url: str) -> Path | None:
+    scheme = scheme_of(url)
+    if scheme == "":
+        return Path(url)
+    if scheme == "file":
+        return Path(urlparse(url).path)
+    return None
+
+
+def _remote_exists(url: str, timeout_s: float) -> bool:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s):
+            return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def check_present(urls: list[str], timeout_s: float = 10.0) -> None:
+    """Fail at start, naming the shards that are not there (pipe: commands cannot be checked)."""
+    missing = []
+    for url in urls:
+        path = local_path(url)
+        if path is not None:
+            if not path.is_file():
+                missing.append(url)
+        elif scheme_of(url) in REMOTE_SCHEMES and not _remote_exists(url, timeout_s):
+            missing.append(url)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UserError(f"{len(missing)} shard(s) missing or unreachable: {shown}")
+
+
+def open_stream(url: str):
+    path = local_path(url)
+    return open(path, "rb") if path is not None else gopen(url, "rb")
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """WebDataset convention: the key is the path up to the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+class DamagedTar(Exception):
+    """A tar header that fails its checksum, or a member cut short."""
+
+
+def _octal(field: bytes) -> int:
+    field = field.rstrip(b"\0 ").lstrip(b" ")
+    if field[:1] == b"\x80":  # GNU base-256 size for members over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    return int(field or b"0", 8)
+
+
+def _pax_path(data: bytes) -> str | None:
+    for record in data.decode("utf-8", "replace").split("\n"):
+        _, _, keyvalue = record.partition(" ")
+        key, _, value = keyvalue.partition("=")
+        if key == "path":
+            return value
+    return None
+
+
+def iter_members(stream, seekable: bool, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes | None]]:
+    """(name, data or None) for each regular file of a tar stream; data only when wanted(name).
+
+    A small ustar/GNU/pax reader instead of `tarfile`: the loader walks every header of
+    every shard it touches, and tarfile's general-purpose parsing was 40% of decode time.
+    Unwanted data is skipped by seeking on local files. Raises DamagedTar on a bad header
+    or a short member; a clean end (zero block or EOF at a header boundary) just returns."""
+    long_name = None
+    while True:
+        header = stream.read(512)
+        if len(header) < 512 or header == bytes(512):
+            if 0 < len(header) < 512:
+                raise DamagedTar("truncated header")
+            return
+        stored = _octal(header[148:156])
+        if stored != sum(header[:148]) + 256 + sum(header[156:]):  # checksum field counts as 8 spaces
+            raise DamagedTar("header checksum mismatch")
+        size, kind = _octal(header[124:136]), header[156:157]
+        name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if header[257:262] == b"ustar" and header[345:346] != b"\0":
+            name = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        padded = (size + 511) & ~511
+        is_file = kind in (b"0", b"\0", b"7")
+        if kind in (b"L", b"x") or (is_file and wanted(long_name or name)):
+            data = stream.read(size)
+            if len(data) < size:
+                raise DamagedTar(f"member {long_name or name} cut short ({len(data)} of {size} bytes)")
+            if padded > size:
+                stream.seek(padded - size, 1) if seekable else stream.read(padded - size)
+        else:
+            data = None
+            if seekable:
+                stream.seek(padded, 1)
+            elif len(stream.read(padded)) < padded:
+                raise DamagedTar(f"member {name} cut short")
+        if kind == b"L":
+            long_name = data.split(b"\0", 1)[0].decode("utf-8", "replace")
+        elif kind == b"x":
+            long_name = _pax_path(data) or long_name
+        elif kind == b"g":
+            continue
+        elif is_file:
+            yield long_name or name, data
+            long_name = None
+        else:
+            long_name = None
+
+
+def iter_samples(url: str, wanted: Callable[[int], bool] = lambda i: True) -> Iterator[tuple[int, str, dict]]:
+    """Yields (sample_index, key, {ext: bytes}) in shard order; data is read only for wanted samples.
+
+    A truncated or damaged tail ends the iteration early with a warning (the sample being
+    read is dropped with it); the caller sees the missing indices and counts them."""
+    key, files, index = None, {}, -1
+
+    def wanted_member(name: str) -> bool:
+        member_key = split_key(name)[0]
+        return wanted(index + 1 if member_key != key else index)
+
+    with open_stream(url) as stream:
+        seekable = local_path(url) is not None
+        try:
+            for name, data in iter_members(stream, seekable, wanted_member):
+                member_key, ext = split_key(name)
+                if member_key != key:
+                    if key is not None:
+                        yield index, key, files
+                    key, files, index = member_key, {}, index + 1
+                if data is not None:
+                    files[ext] = data
+        except (DamagedTar, ValueError, OSError) as exc:
+            log.warning("shard %s: truncated or damaged after sample %d (%s)", url, index, exc)
+            return
+        if key is not None:
+            yield index, key, files
+
+
+def count_samples(url: str) -> int:
+    return sum(1 for _ in iter_samples(url, wanted=lambda i: False))
+
+
+def resolve_shards(spec: str, split: str, allow_pipe: bool) -> tuple[list[ShardEntry], dict | None]:
+    """A manifest (file or folder) or a URL pattern -> shard entries with sample counts.
+
+    Without a manifest the counts come from one pass over every shard's tar headers."""
+    if spec.endswith(".json") or (local_path(spec) is not None and Path(spec).is_dir()):
+        manifest = load_manifest(spec)
+        entries = manifest_shards(manifest, split)
+        for entry in entries:
+            check_allowed(entry.url, allow_pipe)
+        check_present([e.url for e in entries])
+        return entries, manifest
+    urls = list(braceexpand.braceexpand(spec))
+    for url in urls:
+        check_allowed(url, allow_pipe)
+    check_present(urls)
+    log.info("no manifest: counting samples in %d shard(s) (a manifest from `pipeline prepare` avoids this)", len(urls))
+    return [ShardEntry(url, count_samples(url)) for url in urls], None
+
+
+def verify_shards(entries: list[ShardEntry]) -> None:
+    """Compare each shard's sha256 with the manifest; fail naming every mismatch."""
+    bad = []
+    for entry in entries:
+        if entry.sha256 is None:
+            continue
+        digest = hashlib.sha256()
+        with open_stream(entry.url) as stream:
+            while block := stream.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != entry.sha256:
+            bad.append(os.path.basename(entry.url))
+    if bad:
+        raise UserError(f"sha256 mismatch against the manifest for {len(bad)} shard(s): {', '.join(bad)}")

