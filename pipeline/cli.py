@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -63,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(stream)
     stream.add_argument("--epochs", type=float, default=1.0, help="epochs to stream (fractions allowed)")
     stream.add_argument("--verify", action="store_true", help="check shard sha256 against the manifest first")
+    train = commands.add_parser(
+        "train",
+        help="train the DCGAN pair with two DeepSpeed engines",
+        description="One process, or one per rank under deepspeed / torchrun / srun (ranks from the environment).",
+    )
+    _add_config_args(train)
+
+    sample = commands.add_parser("sample", help="write an image grid from a saved generator")
+    sample.add_argument("--checkpoint", required=True, help="generator.pt of a run (or an export)")
+    sample.add_argument("--n", type=int, default=64, help="number of images")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the latents")
+    sample.add_argument("--out", required=True, help="output PNG")
     return parser
 
 
@@ -95,8 +108,6 @@ def _load(args):
 
 
 def cmd_stream(args) -> int:
-    import os
-
     from tqdm import tqdm
 
     from pipeline.data.loader import ShardedLoader
@@ -127,7 +138,33 @@ def cmd_stream(args) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "stream": cmd_stream}
+def cmd_train(args) -> int:
+    config = _load(args)
+    if config is None:
+        return 0
+    from pipeline.train import run_training
+
+    name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "run"
+    return run_training(config, name)
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from pipeline.images import save_grid
+    from pipeline.export import load_generator
+
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    generator, payload = load_generator(args.checkpoint)
+    z = torch.randn(args.n, generator.latent_dim, generator=torch.Generator().manual_seed(args.seed))
+    with torch.no_grad():
+        path = save_grid(generator(z), args.out)
+    print(f"wrote {args.n} samples from step {payload['step']} ({'EMA' if payload['ema'] else 'raw'} G) to {path}")
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "stream": cmd_stream, "train": cmd_train, "sample": cmd_sample}
 
 
 def main(argv: list[str] | None = None) -> int:

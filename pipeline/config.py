@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -49,9 +49,77 @@ class DataConfig(Section):
     timeout_s: float = Field(300.0, gt=0, description="longest wait for one batch from a worker")
 
 
+class ModelConfig(Section):
+    resolution: Literal[32, 64, 128] = Field(32, description="image side; must match the shards")
+    channels: Literal[1, 3] = Field(1, description="image channels; must match the shards")
+    latent_dim: int = Field(100, ge=1, description="size of z")
+    g_width: int = Field(64, ge=1, description="G's base width (ngf): channels of its last hidden layer")
+    d_width: int = Field(64, ge=1, description="D's base width (ndf): channels of its first layer")
+    d_norm: Literal["batch", "spectral", "none"] = Field("batch", description="normalisation in D's hidden layers")
+
+
+class LossConfig(Section):
+    kind: Literal["nonsaturating", "hinge", "wgan-gp"] = Field("nonsaturating", description="the GAN objective")
+    gp_weight: float = Field(10.0, ge=0, description="wgan-gp: gradient penalty weight (lambda)")
+    n_critic: int = Field(1, ge=1, description="D steps per G step")
+
+
+class OptimizerConfig(Section):
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas (DCGAN: beta1 = 0.5)")
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class DeepSpeedSection(Section):
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="fp16 uses dynamic loss scaling")
+    zero_stage: int = Field(0, ge=0, le=2, description="ZeRO stage of both engines")
+    gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    gradient_clipping: float = Field(0.0, ge=0, description="max grad norm; 0 = off (DCGAN trains unclipped)")
+    fp16_initial_scale_power: int = Field(16, ge=0, le=40, description="initial loss scale 2**N")
+    fp16_loss_scale_window: int = Field(1000, ge=1, description="steps without overflow before the scale grows")
+    fp16_hysteresis: int = Field(2, ge=1, description="overflows tolerated before the scale shrinks")
+    fp16_min_loss_scale: float = Field(1.0, gt=0)
+    g_config_json: str | None = Field(None, description="raw DeepSpeed JSON for G (replaces the generated one)")
+    d_config_json: str | None = Field(None, description="raw DeepSpeed JSON for D (replaces the generated one)")
+    timeout_minutes: float = Field(30.0, gt=0, description="collective timeout")
+
+
+class TrainConfig(Section):
+    steps: int = Field(2000, ge=1, description="G updates (global steps)")
+    g_optim: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    d_optim: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    ema: bool = Field(True, description="keep an exponential moving average of G's weights for samples/eval")
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    log_every: int = Field(10, ge=1, description="steps between metric records")
+    sample_every: int = Field(200, ge=1, description="steps between sample grids")
+    sample_count: int = Field(64, ge=1, le=1024, description="images in each sample grid (fixed latents)")
+    max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many consecutive non-finite losses")
+    run_root: str = Field("runs", description="folder holding one subfolder per run")
+    run_name: str | None = Field(None, description="run folder name; default <config name>-<UTC time>")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto")
+    progress: bool = Field(True, description="rank 0 progress bar")
+
+
 class Config(Section):
     seed: int = Field(0, ge=0, description="seed of every random choice (data order, init, latents)")
     data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _fp16_needs_zero(self):
+        # DeepSpeed 0.19.8 at ZeRO stage 0 does not multiply the loss by the loss scale in
+        # backward but still divides by it in step: updates come out `scale` times too small
+        # (deepspeed PR #8393). Refuse instead of training silently wrong.
+        if self.deepspeed.precision == "fp16" and self.deepspeed.zero_stage == 0:
+            raise ValueError(
+                "deepspeed.precision fp16 needs deepspeed.zero_stage >= 1: at stage 0, DeepSpeed 0.19.8 "
+                "applies updates loss_scale times too small (deepspeed PR #8393)"
+            )
+        return self
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -132,6 +200,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         lines = []
         for error in exc.errors():
             loc = tuple(str(p) for p in error["loc"])
+            if not loc:  # a cross-field rule of the whole config
+                lines.append(f"{error['msg'].removeprefix('Value error, ')} ({'command-line override' if overridden else f'in {file_label}'})")
+                continue
             from_override = any(loc[: len(k)] == k or k[: len(loc)] == loc for k in overridden)
             origin = "command-line override" if from_override else f"in {file_label}"
             lines.append(_describe(error, Config, origin))

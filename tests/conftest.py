@@ -13,11 +13,25 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(extra: dict | None = None) -> dict:
+    """The environment for a launched child: without this test process's own rendezvous
+    variables (the in-process trainer fixture sets them), so each child starts its own."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    return {**env, **(extra or {})}
+
+
 def run_cli(*args, timeout=120, env=None, cwd=None) -> subprocess.CompletedProcess:
     """Run `python -m pipeline ARGS` in a real subprocess; returns the completed process."""
+    return run([sys.executable, "-m", "pipeline", *map(str, args)], timeout=timeout, env=env, cwd=cwd)
+
+
+def run(command: list, timeout=120, env=None, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline", *map(str, args)],
-        capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO, env={**os.environ, **(env or {})},
+        [str(c) for c in command], capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
+        env=child_env(env),
     )  # fmt: skip
 
 
@@ -41,3 +55,37 @@ def small_shards(tmp_path):
     prepare(str(tmp_path / "src.npz"), out, Transform(resolution=8, channels=1), samples_per_shard=10,
             workers=1, progress=False)  # fmt: skip
     return out, images, labels
+
+
+@pytest.fixture(scope="session")
+def mnist_shards(tmp_path_factory):
+    """512 real MNIST digits at 32x32 in 4 shards (one session-wide copy; tests only read it)."""
+    from pipeline.data.prepare import Transform, prepare
+
+    out = tmp_path_factory.mktemp("mnist32")
+    prepare("mnist", out, Transform(32, 1), samples_per_shard=128, limit=512, workers=2, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def dist_single():
+    """This pytest process as a 1-rank gloo job, for in-process DeepSpeed engines.
+
+    The first init also JIT-compiles DeepSpeed's shm comm op (about 75 s, cached in
+    TORCH_EXTENSIONS_DIR): doing it here, in one process, keeps multi-rank tests from
+    compiling it concurrently."""
+    from pipeline import engines
+    from pipeline.dist import detect
+
+    info = detect("cpu")
+    engines.init_distributed(info, timeout_minutes=5)
+    return info
+
+
+def train_overrides(shards, tmp_path, *extra) -> list[str]:
+    """A small, quick CPU training config on the MNIST fixture."""
+    return [
+        f"data.shards={shards}", "data.batch_per_rank=16", "data.workers=0", "model.g_width=16", "model.d_width=16",
+        f"train.run_root={tmp_path}/runs", "train.progress=false", "train.log_every=1", "train.sample_every=1000",
+        *extra,
+    ]  # fmt: skip

@@ -1,0 +1,144 @@
+"""The one place that imports DeepSpeed: process group, per-network configs and engines.
+
+Which ranks run it: every rank, with the same arguments (DeepSpeed's initialize is a
+collective: it broadcasts rank 0's parameters).
+
+Traps handled here (deepspeed 0.19.8; see shared notes/DEEPSPEED.md):
+- each engine gets its own config dict (shared dicts mix lr/betas: #1975);
+- gradient_clipping is always written explicitly: it defaults to 1.0 since 0.19.3 (#8068);
+- fp16/bf16 cast only parameters since 0.19.2 (#8066), leaving BatchNorm running stats in
+  fp32 and failing the forward: data_types.buffer_dtype casts the buffers too;
+- fp16 at ZeRO stage 0 is refused in config validation (PR #8393);
+- a client torch.optim.Adam instead of the config's "Adam", which becomes FusedAdam in
+  AdamW mode and JIT-compiles an op on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import deepspeed
+import torch
+from torch import nn
+
+from pipeline.config import Config, OptimizerConfig
+from pipeline.dist import DistInfo
+from pipeline.errors import UserError
+
+# DeepSpeed logs every config key at INFO on every rank; keep its warnings.
+os.environ.setdefault("DS_LOG_LEVEL", "warning")
+
+
+def init_distributed(info: DistInfo, timeout_minutes: float) -> None:
+    """All ranks. auto_mpi_discovery off: without the env vars it would try MPI and fail on mpi4py."""
+    deepspeed.init_distributed(
+        dist_backend=info.backend, auto_mpi_discovery=False, verbose=False,
+        timeout=timedelta(minutes=timeout_minutes),
+    )  # fmt: skip
+
+
+def _dtype_name(precision: str) -> str:
+    return {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}[precision]
+
+
+def build_ds_config(config: Config, network: str) -> dict:
+    """The DeepSpeed config of one engine ("g" or "d"), from our config or the user's raw JSON."""
+    ds = config.deepspeed
+    raw_path = ds.g_config_json if network == "g" else ds.d_config_json
+    if raw_path:
+        try:
+            raw = json.loads(Path(raw_path).read_text())
+        except FileNotFoundError:
+            raise UserError(f"deepspeed.{network}_config_json: file not found: {raw_path}") from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"deepspeed.{network}_config_json: {raw_path} is not valid JSON ({exc})") from None
+        return _checked_raw(raw, config, network, raw_path)
+    fp16 = {
+        "enabled": ds.precision == "fp16",
+        "loss_scale": 0,  # 0 = dynamic
+        "initial_scale_power": ds.fp16_initial_scale_power,
+        "loss_scale_window": ds.fp16_loss_scale_window,
+        "hysteresis": ds.fp16_hysteresis,
+        "min_loss_scale": ds.fp16_min_loss_scale,
+    }
+    result = {
+        "train_micro_batch_size_per_gpu": config.data.batch_per_rank,
+        "gradient_accumulation_steps": ds.gradient_accumulation,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "fp16": fp16,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if ds.precision != "fp32":
+        result["data_types"] = {"buffer_dtype": _dtype_name(ds.precision)}
+    return result
+
+
+def _checked_raw(raw: dict, config: Config, network: str, path: str) -> dict:
+    """A user's DeepSpeed JSON: batch keys must agree with ours; clipping made explicit (#8068)."""
+    expected = {
+        "train_micro_batch_size_per_gpu": config.data.batch_per_rank,
+        "gradient_accumulation_steps": config.deepspeed.gradient_accumulation,
+    }
+    for key, value in expected.items():
+        if raw.setdefault(key, value) != value:
+            raise UserError(f"{path}: {key} is {raw[key]} but the config says {value}; make them agree")
+    raw.pop("train_batch_size", None)  # derived from the two above and the world size
+    raw.setdefault("gradient_clipping", 0.0)
+    fp16 = raw.get("fp16", {}).get("enabled", False)
+    if fp16 and raw.get("zero_optimization", {}).get("stage", 0) == 0:
+        raise UserError(f"{path}: fp16 needs zero_optimization.stage >= 1 with deepspeed 0.19.8 (PR #8393)")
+    raw.setdefault("steps_per_print", 1 << 30)
+    return raw
+
+
+def build_engine(model: nn.Module, config: Config, network: str, ds_config: dict):
+    """All ranks. Returns the DeepSpeed engine wrapping `model` with its own Adam."""
+    optim: OptimizerConfig = config.train.g_optim if network == "g" else config.train.d_optim
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+        )
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    return engine
+
+
+def step(engine) -> float | None:
+    """engine.step(), returning the global gradient norm of the update (None between boundaries).
+
+    DeepSpeed measures the norm for fp16 and ZeRO optimizers; with a plain fp32 optimizer
+    at stage 0 it does not, but the all-reduced grads sit in param.grad until step() clears them."""
+    boundary = engine.is_gradient_accumulation_boundary()
+    norm = None
+    if boundary and engine.zero_optimization_stage() == 0 and not engine.fp16_enabled():
+        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+        norm = float(torch.stack(grads).norm()) if grads else None
+    engine.step()
+    if boundary and engine.get_global_grad_norm() is not None:
+        norm = float(engine.get_global_grad_norm())
+    return norm if boundary else None
+
+
+def loss_scale(engine) -> float | None:
+    """The current dynamic loss scale (engine.loss_scale() returns the config value instead)."""
+    if not engine.fp16_enabled():
+        return None
+    return float(getattr(engine.optimizer, "loss_scale", 0.0) or 0.0)
+
+
+def skipped_steps(engine) -> int:
+    return int(engine.skipped_steps)
+
+
+def learning_rate(engine) -> float:
+    return float(engine.optimizer.param_groups[0]["lr"])
+
+
+def compute_dtype(config: Config) -> torch.dtype:
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.deepspeed.precision]

@@ -1,0 +1,30 @@
+"""Image grids without torchvision: tensors in [-1, 1] -> uint8 -> one PNG."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """N x C x H x W in [-1, 1] -> N x H x W x C uint8, rounded as a saved image is."""
+    return images.detach().float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int | None = None, padding: int = 2) -> Path:
+    pixels = to_uint8(images).numpy()
+    n, h, w, c = pixels.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.zeros((rows * (h + padding) + padding, columns * (w + padding) + padding, c), np.uint8)
+    for i in range(n):
+        top, left = padding + (i // columns) * (h + padding), padding + (i % columns) * (w + padding)
+        grid[top : top + h, left : left + w] = pixels[i]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[:, :, 0] if c == 1 else grid).save(path)
+    return path

@@ -1,0 +1,55 @@
+"""GAN objectives, computed from D's raw logits (numerically stable: softplus, never log(sigmoid)).
+
+nonsaturating (Goodfellow et al. 2014, the default):
+    L_D = -E[log D(x)] - E[log(1 - D(G(z)))] = E[softplus(-d_real)] + E[softplus(d_fake)]
+    L_G = -E[log D(G(z))]                    = E[softplus(-d_fake)]
+hinge (Miyato et al. 2018):
+    L_D = E[relu(1 - d_real)] + E[relu(1 + d_fake)],  L_G = -E[d_fake]
+wgan-gp (Gulrajani et al. 2017):
+    L_D = E[d_fake] - E[d_real] + lambda * E[(||grad_x D(x_hat)|| - 1)^2],  L_G = -E[d_fake]
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def d_loss(kind: str, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """The discriminator's loss without any gradient penalty."""
+    if kind == "nonsaturating":
+        return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+    if kind == "hinge":
+        return F.relu(1.0 - d_real).mean() + F.relu(1.0 + d_fake).mean()
+    if kind == "wgan-gp":
+        return d_fake.mean() - d_real.mean()
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def g_loss(kind: str, d_fake: torch.Tensor) -> torch.Tensor:
+    if kind == "nonsaturating":
+        return F.softplus(-d_fake).mean()
+    if kind in ("hinge", "wgan-gp"):
+        return -d_fake.mean()
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def gradient_penalty(
+    discriminator: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """E[(||grad D(x_hat)||_2 - 1)^2] at random interpolates x_hat = eps*real + (1-eps)*fake.
+
+    `discriminator` must be D's raw module: autograd.grad through the DeepSpeed engine's
+    forward would fire its backward hooks outside engine.backward (DeepSpeed #7665)."""
+    eps = torch.rand(real.shape[0], 1, 1, 1, generator=generator, device=real.device, dtype=real.dtype)
+    x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    (grad,) = torch.autograd.grad(discriminator(x_hat).sum(), x_hat, create_graph=True)
+    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def d_confidence(kind: str, logits: torch.Tensor) -> float:
+    """Mean D output for logging: probability for the nonsaturating game, raw score otherwise."""
+    values = torch.sigmoid(logits.float()) if kind == "nonsaturating" else logits.float()
+    return values.mean().item()

@@ -1,0 +1,56 @@
+"""Run by the deepspeed launcher in test_train_distributed.py (2 CPU ranks, gloo).
+
+Checks what only a real multi-rank job shows: each rank computes a different loss on its own
+data, yet after DeepSpeed's backward the gradients are identical on every rank, and after
+training steps G, D and the EMA weights are identical too. Rank 0 writes the evidence."""
+
+import argparse
+import json
+
+import torch
+import torch.distributed as dist
+
+from pipeline import engines, losses
+from pipeline.config import load_config
+from pipeline.dist import detect
+from pipeline.train import Trainer
+
+parser = argparse.ArgumentParser()
+parser.add_argument("out")
+parser.add_argument("overrides", nargs="*")
+parser.add_argument("--local_rank", type=int)  # the deepspeed launcher passes it
+args = parser.parse_args()
+
+info = detect("cpu")
+engines.init_distributed(info, 2)
+trainer = Trainer(load_config(None, args.overrides), info, "dist")
+batches = trainer.loader.forever()
+
+
+def gather(value):
+    values = [None] * info.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+# One D micro-step by hand, to look at the gradients between backward and step.
+real = next(batches).images
+with torch.no_grad():
+    fake = trainer.g_engine.module(trainer.latents(real.shape[0]))
+loss = losses.d_loss("nonsaturating", trainer.d_engine(real), trainer.d_engine(fake))
+trainer.d_engine.backward(loss)
+grads = torch.cat([p.grad.flatten() for p in trainer.d_engine.module.parameters()])
+evidence = {"d_losses": gather(loss.item()), "d_grads": gather(grads.tolist())}
+trainer.d_engine.step()
+
+history = [trainer.train_step(batches) for _ in range(2)]
+flat = lambda module: torch.cat([p.detach().float().flatten() for p in module.parameters()]).tolist()  # noqa: E731
+evidence |= {
+    "g": gather(flat(trainer.g_engine.module)), "d": gather(flat(trainer.d_engine.module)),
+    "ema": gather(flat(trainer.ema.model)), "losses": gather([(m["loss_D"], m["loss_G"]) for m in history]),
+    "world_size": info.world_size, "launcher": info.launcher,
+}  # fmt: skip
+if info.rank == 0:
+    with open(args.out, "w") as f:
+        json.dump(evidence, f)
+dist.barrier()

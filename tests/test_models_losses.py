@@ -1,0 +1,102 @@
+"""DCGAN shapes and initialisation; each loss against a hand-computed value."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline import losses
+from pipeline.ema import EMA
+from pipeline.models.dcgan import Discriminator, Generator
+
+
+@pytest.mark.parametrize("resolution", [32, 64, 128])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shapes_and_depth_follow_resolution(resolution, channels):
+    g = Generator(resolution, channels, latent_dim=100, width=8)
+    d = Discriminator(resolution, channels, width=8)
+    images = g(torch.randn(2, 100))
+    assert images.shape == (2, channels, resolution, resolution)
+    assert images.abs().max() <= 1  # Tanh output
+    assert d(images).shape == (2,)
+    stride2 = int(math.log2(resolution)) - 2
+    assert sum(isinstance(m, nn.ConvTranspose2d) for m in g.modules()) == stride2 + 1
+    assert sum(isinstance(m, nn.Conv2d) for m in d.modules()) == stride2 + 1
+
+
+def test_reference_layout_no_bn_on_d_input_or_g_output():
+    g, d = Generator(64, 3), Discriminator(64, 3)
+    assert isinstance(g.net[-1], nn.Tanh) and isinstance(g.net[-2], nn.ConvTranspose2d)
+    assert isinstance(d.net[0], nn.Conv2d) and isinstance(d.net[1], nn.LeakyReLU) and d.net[1].negative_slope == 0.2
+    assert [m.out_channels for m in g.modules() if isinstance(m, nn.ConvTranspose2d)] == [512, 256, 128, 64, 3]
+    assert [m.out_channels for m in d.modules() if isinstance(m, nn.Conv2d)] == [64, 128, 256, 512, 1]
+
+
+def test_init_follows_the_paper():
+    torch.manual_seed(0)
+    g, d = Generator(64, 3), Discriminator(64, 3)
+    convs = [m.weight for m in [*g.modules(), *d.modules()] if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    weights = torch.cat([w.flatten() for w in convs])
+    assert abs(weights.mean()) < 1e-3 and abs(weights.std() - 0.02) < 1e-3
+    bns = [m for m in [*g.modules(), *d.modules()] if isinstance(m, nn.BatchNorm2d)]
+    gamma = torch.cat([m.weight for m in bns])
+    assert abs(gamma.mean() - 1) < 5e-3 and abs(gamma.std() - 0.02) < 5e-3
+    assert all(torch.all(m.bias == 0) for m in bns)
+
+
+def test_spectral_norm_replaces_batchnorm_in_d():
+    d = Discriminator(32, 1, width=8, norm="spectral")
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in d.modules())
+    convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
+    assert all(hasattr(m, "parametrizations") for m in convs)
+    with torch.no_grad():
+        for _ in range(30):  # power iteration converges in train mode
+            d(torch.randn(2, 1, 32, 32))
+    d.eval()
+    top = torch.linalg.matrix_norm(convs[1].weight.flatten(1), ord=2)
+    assert abs(top - 1) < 0.05
+
+
+def test_nonsaturating_loss_by_hand():
+    d_real, d_fake = torch.tensor([0.0, math.log(3)]), torch.tensor([math.log(3), 0.0])
+    # D(x) = sigmoid: 0.5, 0.75; D(G(z)) = 0.75, 0.5
+    expected_d = -(math.log(0.5) + math.log(0.75)) / 2 - (math.log(0.25) + math.log(0.5)) / 2
+    expected_g = -(math.log(0.75) + math.log(0.5)) / 2
+    assert losses.d_loss("nonsaturating", d_real, d_fake).item() == pytest.approx(expected_d, rel=1e-6)
+    assert losses.g_loss("nonsaturating", d_fake).item() == pytest.approx(expected_g, rel=1e-6)
+
+
+def test_losses_stay_finite_for_extreme_logits():
+    big = torch.tensor([100.0, -100.0])
+    assert math.isfinite(losses.d_loss("nonsaturating", big, -big).item())
+    assert losses.g_loss("nonsaturating", torch.tensor([-100.0])).item() == pytest.approx(100.0)
+
+
+def test_hinge_and_wgan_losses_by_hand():
+    d_real, d_fake = torch.tensor([0.5, 2.0]), torch.tensor([-2.0, 0.0])
+    assert losses.d_loss("hinge", d_real, d_fake).item() == pytest.approx((0.5 + 0) / 2 + (0 + 1) / 2)
+    assert losses.g_loss("hinge", d_fake).item() == pytest.approx(1.0)
+    assert losses.d_loss("wgan-gp", d_real, d_fake).item() == pytest.approx(-1.0 - 1.25)
+    assert losses.g_loss("wgan-gp", d_fake).item() == pytest.approx(1.0)
+
+
+def test_gradient_penalty_of_a_linear_critic():
+    w = torch.tensor([3.0, 4.0])  # ||grad|| = 5 everywhere: penalty (5 - 1)^2 = 16
+
+    def critic(x):
+        return x.flatten(1) @ w
+
+    real, fake = torch.randn(4, 1, 1, 2), torch.randn(4, 1, 1, 2)
+    penalty = losses.gradient_penalty(critic, real, fake, torch.Generator().manual_seed(0))
+    assert penalty.item() == pytest.approx(16.0)
+
+
+def test_ema_update_by_hand():
+    model = nn.Linear(1, 1, bias=False)
+    model.weight.data.fill_(0.0)
+    ema = EMA(model, decay=0.9)
+    model.weight.data.fill_(1.0)
+    ema.update(model)
+    ema.update(model)
+    assert ema.model.weight.item() == pytest.approx(1 - 0.9**2)  # 0.1, then 0.19

@@ -1,0 +1,171 @@
+"""The Trainer with real DeepSpeed engines on CPU (this process as a 1-rank gloo job)."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from pipeline import losses
+from pipeline.config import load_config
+from pipeline.errors import ConfigError, UserError
+from pipeline.export import load_generator
+from pipeline.train import NonFiniteLoss, Trainer
+from tests.conftest import REPO, run_cli, train_overrides
+
+
+def make_trainer(dist_single, mnist_shards, tmp_path, *extra):
+    return Trainer(load_config(None, train_overrides(mnist_shards, tmp_path, *extra)), dist_single, "test")
+
+
+def params(module):
+    return [p.detach().clone() for p in module.parameters()]
+
+
+def test_g_step_leaves_d_frozen_and_unchanged(dist_single, mnist_shards, tmp_path):
+    trainer = make_trainer(dist_single, mnist_shards, tmp_path)
+    d_before, g_before = params(trainer.d_engine.module), params(trainer.g_engine.module)
+    trainer.g_step(16)
+    assert all(torch.equal(a, b) for a, b in zip(d_before, params(trainer.d_engine.module)))
+    assert all(p.grad is None or not p.grad.any() for p in trainer.d_engine.module.parameters())
+    assert all(p.requires_grad for p in trainer.d_engine.module.parameters())  # unfrozen again
+    assert not all(torch.equal(a, b) for a, b in zip(g_before, params(trainer.g_engine.module)))
+
+
+def test_d_update_is_plain_adam_on_the_d_loss_alone(dist_single, mnist_shards, tmp_path):
+    """After a G step, D's update equals torch Adam on L_D only: no G-loss gradient leaks in,
+    no hidden gradient clipping (DeepSpeed's default is 1.0 since 0.19.3, #8068)."""
+    trainer = make_trainer(dist_single, mnist_shards, tmp_path)
+    assert trainer.d_engine.gradient_clipping() == 0.0 and trainer.g_engine.gradient_clipping() == 0.0
+    trainer.g_step(16)  # would leave gradients in D if it were not frozen
+    real = next(iter(trainer.loader)).images
+    reference_d = copy.deepcopy(trainer.d_engine.module)
+    reference_g = copy.deepcopy(trainer.g_engine.module)
+    optim = torch.optim.Adam(reference_d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    rng_state = trainer.rng.get_state()
+    trainer.d_step(real)
+
+    z = torch.randn(16, 100, generator=torch.Generator().set_state(rng_state))
+    with torch.no_grad():
+        fake = reference_g(z)
+    loss = losses.d_loss("nonsaturating", reference_d(real), reference_d(fake))
+    loss.backward()
+    grad_norm = torch.stack([p.grad.norm() for p in reference_d.parameters()]).norm()
+    optim.step()
+    for got, want in zip(trainer.d_engine.module.parameters(), reference_d.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert grad_norm > 0
+
+
+def test_fp16_at_zero_stage_0_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="fp16 needs deepspeed.zero_stage >= 1.*PR #8393"):
+        load_config(None, ["deepspeed.precision=fp16", "deepspeed.zero_stage=0"])
+    load_config(None, ["deepspeed.precision=fp16", "deepspeed.zero_stage=1"])  # accepted
+    raw = tmp_path / "ds.json"
+    raw.write_text(json.dumps({"fp16": {"enabled": True}, "zero_optimization": {"stage": 0}}))
+    from pipeline.engines import build_ds_config
+
+    with pytest.raises(UserError, match="fp16 needs zero_optimization.stage >= 1"):
+        build_ds_config(load_config(None, [f"deepspeed.g_config_json={raw}"]), "g")
+
+
+def test_raw_deepspeed_json_must_agree_on_batch_and_gets_explicit_clipping(tmp_path):
+    from pipeline.engines import build_ds_config
+
+    raw = tmp_path / "ds.json"
+    raw.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": 1}}))
+    with pytest.raises(UserError, match="train_micro_batch_size_per_gpu is 8 but the config says 64"):
+        build_ds_config(load_config(None, [f"deepspeed.d_config_json={raw}"]), "d")
+    built = build_ds_config(load_config(None, [f"deepspeed.d_config_json={raw}", "data.batch_per_rank=8"]), "d")
+    assert built["gradient_clipping"] == 0.0 and built["zero_optimization"]["stage"] == 1
+
+
+def test_bf16_with_batchnorm_trains(dist_single, mnist_shards, tmp_path):
+    """BatchNorm buffers must follow the parameters to bf16 (DeepSpeed #8066 casts parameters only)."""
+    trainer = make_trainer(dist_single, mnist_shards, tmp_path, "deepspeed.precision=bf16")
+    batches = trainer.loader.forever()
+    for _ in range(2):
+        metrics = trainer.train_step(batches)
+    assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("loss_D", "loss_G"))
+    bn = next(m for m in trainer.d_engine.module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert bn.weight.dtype == torch.bfloat16 and bn.running_mean.dtype == torch.bfloat16
+    assert next(trainer.ema.model.parameters()).dtype == torch.float32  # EMA stays fp32
+
+
+def test_same_seed_same_losses(dist_single, mnist_shards, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        trainer = make_trainer(dist_single, mnist_shards, tmp_path / name)
+        batches = trainer.loader.forever()
+        runs.append([(m["loss_D"], m["loss_G"]) for m in (trainer.train_step(batches) for _ in range(3))])
+    assert runs[0] == runs[1]
+    other = make_trainer(dist_single, mnist_shards, tmp_path / "c", "seed=1")
+    assert other.train_step(other.loader.forever())["loss_D"] != runs[0][0][0]
+
+
+@pytest.mark.parametrize("extra", [
+    ["loss.kind=hinge", "deepspeed.gradient_accumulation=2"],
+    ["loss.kind=wgan-gp", "loss.n_critic=2", "model.d_norm=none"],
+    ["model.d_norm=spectral", "deepspeed.zero_stage=1"],
+    ["deepspeed.zero_stage=2", "train.ema=false"],
+])  # fmt: skip
+def test_objectives_and_engine_options_train(dist_single, mnist_shards, tmp_path, extra):
+    trainer = make_trainer(dist_single, mnist_shards, tmp_path, *extra)
+    batches = trainer.loader.forever()
+    g_before = params(trainer.g_engine.module)
+    for _ in range(2):
+        metrics = trainer.train_step(batches)
+    assert torch.isfinite(torch.tensor([metrics["loss_D"], metrics["loss_G"]])).all()
+    assert metrics["grad_norm_D"] > 0 and metrics["grad_norm_G"] > 0
+    assert not all(torch.equal(a, b) for a, b in zip(g_before, params(trainer.g_engine.module)))
+    config = trainer.config
+    consumed = 2 * config.loss.n_critic * config.deepspeed.gradient_accumulation
+    assert trainer.loader.batches_consumed == consumed
+    assert trainer.d_engine.global_steps == 2 * config.loss.n_critic and trainer.g_engine.global_steps == 2
+
+
+def test_shape_mismatch_between_data_and_model(dist_single, mnist_shards, tmp_path):
+    with pytest.raises(UserError, match="holds 32x32 images with 1 channel.*model.resolution=64, model.channels=3"):
+        make_trainer(dist_single, mnist_shards, tmp_path, "model.resolution=64", "model.channels=3")
+
+
+def test_cli_run_writes_run_dir_and_sample_command_reads_it(mnist_shards, tmp_path):
+    overrides = train_overrides(mnist_shards, tmp_path, "train.steps=4", "train.sample_every=2", "train.run_name=r")
+    result = run_cli("train", "--config", REPO / "configs/mnist32.yaml", *overrides, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "r"
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("loss_D", "loss_G", "D(x)", "D(G(z))", "grad_norm_D", "grad_norm_G", "lr_D", "images_per_s",
+                "data_wait_share", "skipped_steps_D", "corrupt_samples"):  # fmt: skip
+        assert key in records[-1]
+    assert "step 4/4" in (run_dir / "train.log").read_text()
+    assert load_config(run_dir / "config.yaml").data.batch_per_rank == 16
+    assert json.loads((run_dir / "ds_config_d.json").read_text())["gradient_clipping"] == 0.0
+
+    out = tmp_path / "grid.png"
+    sampled = run_cli("sample", "--checkpoint", run_dir / "generator.pt", "--n", 9, "--out", out)
+    assert sampled.returncode == 0, sampled.stderr
+    from PIL import Image
+
+    assert Image.open(out).size == (3 * 32 + 4 * 2, 3 * 32 + 4 * 2)
+    generator, payload = load_generator(run_dir / "generator.pt")
+    assert payload["ema"] and payload["step"] == 4 and generator(torch.randn(2, 100)).shape == (2, 1, 32, 32)
+
+
+def test_divergence_stops_after_k_nonfinite_steps(mnist_shards, tmp_path):
+    overrides = train_overrides(mnist_shards, tmp_path, "train.d_optim.lr=1e30", "train.g_optim.lr=1e30",
+                                "train.steps=50", "train.max_nonfinite_steps=3")  # fmt: skip
+    result = run_cli("train", *overrides, timeout=300)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "losses non-finite for 3 consecutive steps" in result.stderr and "Traceback" not in result.stderr
+    assert NonFiniteLoss.exit_code == 3
+
+
+def test_sample_refuses_a_missing_or_foreign_file(tmp_path):
+    assert "checkpoint not found" in run_cli("sample", "--checkpoint", tmp_path / "no.pt", "--out", tmp_path / "x.png").stderr
+    torch.save({"anything": 1}, tmp_path / "other.pt")
+    result = run_cli("sample", "--checkpoint", tmp_path / "other.pt", "--out", tmp_path / "x.png")
+    assert result.returncode == 2 and "not a gan-pipeline generator export" in result.stderr
+
