@@ -77,7 +77,7 @@ def main():
         ])  # fmt: skip
         info = detect()
         engines.init_distributed(info, 5)
-        trainer = Trainer(config, info, "bench")
+        trainer = Trainer(config, info, Path(tmp) / "runs" / "bench")
         plain = PlainLoop(config, info.device)
         real = torch.rand(args.batch, args.channels, args.resolution, args.resolution, device=info.device) * 2 - 1
         in_memory = Batch(real, None, [], 0)

@@ -16,19 +16,21 @@ import os
 import sys
 import time
 
-from pipeline.errors import UserError
+from pipeline.errors import Preempted, UserError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.workers=4")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    # The deepspeed launcher appends --local_rank=N; the rank itself is read from the environment.
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    # The deepspeed launcher's script form appends --local_rank=N; ranks come from the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.split("\n")[0])
+    # `deepspeed --module pipeline ...` puts --local_rank=N before the command.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prep = commands.add_parser(
@@ -70,12 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="One process, or one per rank under deepspeed / torchrun / srun (ranks from the environment).",
     )
     _add_config_args(train)
+    train.add_argument("--resume", default="none", metavar="auto|none|PATH",
+                       help="auto: continue from the run folder's newest complete checkpoint (fresh start if "
+                       "none); PATH: a checkpoint folder or run folder; none (default): a new run")  # fmt: skip
 
     sample = commands.add_parser("sample", help="write an image grid from a saved generator")
-    sample.add_argument("--checkpoint", required=True, help="generator.pt of a run (or an export)")
+    sample.add_argument("--checkpoint", required=True, help="a checkpoint folder, a run folder (its newest "
+                        "checkpoint) or a generator export (.pt)")  # fmt: skip
     sample.add_argument("--n", type=int, default=64, help="number of images")
     sample.add_argument("--seed", type=int, default=0, help="seed of the latents")
     sample.add_argument("--out", required=True, help="output PNG")
+
+    export = commands.add_parser("export", help="write a plain generator state dict + model config (torch only)")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder")
+    export.add_argument("--out", required=True, help="output .pt (load with torch.load(..., weights_only=True))")
     return parser
 
 
@@ -145,26 +155,34 @@ def cmd_train(args) -> int:
     from pipeline.train import run_training
 
     name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "run"
-    return run_training(config, name)
+    return run_training(config, name, args.resume)
 
 
 def cmd_sample(args) -> int:
     import torch
 
     from pipeline.images import save_grid
-    from pipeline.export import load_generator
+    from pipeline.export import generate, load_generator
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
     generator, payload = load_generator(args.checkpoint)
     z = torch.randn(args.n, generator.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    with torch.no_grad():
-        path = save_grid(generator(z), args.out)
+    path = save_grid(generate(generator, z), args.out)
     print(f"wrote {args.n} samples from step {payload['step']} ({'EMA' if payload['ema'] else 'raw'} G) to {path}")
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "stream": cmd_stream, "train": cmd_train, "sample": cmd_sample}
+def cmd_export(args) -> int:
+    from pipeline.export import export_generator
+
+    payload = export_generator(args.checkpoint, args.out)
+    print(f"exported the {'EMA' if payload['ema'] else 'raw'} generator of step {payload['step']} to {args.out}")
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "stream": cmd_stream, "train": cmd_train, "sample": cmd_sample,
+            "export": cmd_export}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Preempted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

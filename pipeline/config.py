@@ -95,6 +95,8 @@ class TrainConfig(Section):
     sample_every: int = Field(200, ge=1, description="steps between sample grids")
     sample_count: int = Field(64, ge=1, le=1024, description="images in each sample grid (fixed latents)")
     max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many consecutive non-finite losses")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (one is also saved at the end)")
+    keep_checkpoints: int = Field(3, ge=1, description="newest checkpoints kept (plus any marked best)")
     run_root: str = Field("runs", description="folder holding one subfolder per run")
     run_name: str | None = Field(None, description="run folder name; default <config name>-<UTC time>")
     device: Literal["auto", "cpu", "cuda"] = Field("auto")

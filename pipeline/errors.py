@@ -9,3 +9,12 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A config file or override that does not validate."""
+
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpointed after a preemption signal, requeue me"
+
+
+class Preempted(Exception):
+    """A preemption signal (SIGTERM/SIGUSR1) reached some rank; every rank checkpointed and stops."""
+
+    exit_code = EXIT_REQUEUE

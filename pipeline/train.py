@@ -11,9 +11,11 @@ metrics and the sample grids.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,17 +25,21 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import engines, losses
+from pipeline.checkpoint import Checkpointer
 from pipeline.config import Config, config_to_yaml
 from pipeline.data.loader import ShardedLoader
 from pipeline.dist import DistInfo
 from pipeline.ema import EMA
-from pipeline.errors import UserError
-from pipeline.export import save_generator
+from pipeline.errors import EXIT_REQUEUE, Preempted, UserError
+from pipeline.export import generate, save_generator
 from pipeline.images import save_grid
 from pipeline.models.dcgan import Discriminator, Generator
 
 log = logging.getLogger("pipeline.train")
 GENERATOR_EXPORT = "generator.pt"
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class NonFiniteLoss(UserError):
@@ -42,8 +48,29 @@ class NonFiniteLoss(UserError):
     exit_code = 3
 
 
+class PreemptionFlag:
+    """Records SIGTERM/SIGUSR1 instead of dying; the loop acts on it between steps on all ranks.
+
+    Which ranks: installed on every rank. A signal to any one rank reaches all of them through
+    the per-step all-reduce; a second signal during the save only sets the flag again."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __call__(self, signum, frame):
+        self.signum = signum
+
+    def install(self) -> "PreemptionFlag":
+        """Kept for the rest of the process: a signal that lands while a preempted rank shuts
+        down (the deepspeed launcher SIGTERMs the survivors) must not kill it mid-exit."""
+        for sig in PREEMPTION_SIGNALS:
+            signal.signal(sig, self)
+        return self
+
+
+
 class Trainer:
-    def __init__(self, config: Config, info: DistInfo, config_name: str = "run"):
+    def __init__(self, config: Config, info: DistInfo, run_dir: Path):
         self.config, self.info, self.device = config, info, info.device
         self.dtype = engines.compute_dtype(config)
         torch.manual_seed(config.seed)  # same init on every rank (initialize also broadcasts rank 0's)
@@ -62,7 +89,11 @@ class Trainer:
         self.fixed_z = torch.randn(config.train.sample_count, model.latent_dim, generator=fixed).to(self.device)
         self.global_step = 0
         self.nonfinite_streak = 0
-        self.run_dir = self._make_run_dir(config_name)
+        self.last_checkpoint_seconds = 0.0
+        self.preemption = PreemptionFlag()
+        self.run_dir = Path(run_dir)
+        self.checkpointer = Checkpointer(self.run_dir, info.rank, info.world_size, config.train.keep_checkpoints)
+        self._prepare_run_dir()
 
     # ----------------------------------------------------------------- set-up
     def _check_data_matches_model(self) -> None:
@@ -74,13 +105,9 @@ class Trainer:
                 f"but model.resolution={model.resolution}, model.channels={model.channels}"
             )
 
-    def _make_run_dir(self, config_name: str) -> Path:
-        """Rank 0 names and creates the run folder; every rank learns its path."""
-        train = self.config.train
-        name = train.run_name or f"{config_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-        shared = [name]
-        dist.broadcast_object_list(shared, src=0)
-        run_dir = Path(train.run_root) / shared[0]
+    def _prepare_run_dir(self) -> None:
+        """Rank 0 writes the run folder's set-up files and opens the log file."""
+        run_dir = self.run_dir
         if self.info.is_main:
             (run_dir / "samples").mkdir(parents=True, exist_ok=True)
             (run_dir / "config.yaml").write_text(config_to_yaml(self.config))
@@ -89,7 +116,6 @@ class Trainer:
             handler = logging.FileHandler(run_dir / "train.log")
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
             logging.getLogger("pipeline").addHandler(handler)
-        return run_dir
 
     def latents(self, n: int) -> torch.Tensor:
         z = torch.randn(n, self.config.model.latent_dim, generator=self.rng, device=self.device)
@@ -152,9 +178,12 @@ class Trainer:
         keys = ["loss_D", "D(x)", "D(G(z))", "loss_G"]
         local = [sum(r[k] for r in d_records) / len(d_records) for k in keys[:3]]
         local.append(sum(r["loss_G"] for r in g_records) / len(g_records))
+        local.append(float(self.preemption.signum is not None))  # rides on the same all-reduce
         values = torch.tensor(local, dtype=torch.float64, device=self.device)
         dist.all_reduce(values)
-        metrics = dict(zip(keys, (values / self.info.world_size).tolist()))
+        *means, stop = (values / self.info.world_size).tolist()
+        metrics = dict(zip(keys, means))
+        metrics["stop_requested"] = stop > 0
         metrics["grad_norm_D"] = next((r["grad_norm_D"] for r in reversed(d_records) if r["grad_norm_D"] is not None), None)
         metrics["grad_norm_G"] = next((r["grad_norm_G"] for r in reversed(g_records) if r["grad_norm_G"] is not None), None)
         for net, engine in (("D", self.d_engine), ("G", self.g_engine)):
@@ -177,48 +206,85 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ loop
+    def resume(self, path: Path) -> None:
+        """All ranks: continue from a checkpoint; rank 0 drops metrics logged after it."""
+        meta = self.checkpointer.load(self, path)
+        if self.info.is_main:
+            log.info("resumed from %s at step %d (epoch %d)", path, self.global_step, meta["epoch"])
+            metrics_path = self.run_dir / "metrics.jsonl"
+            if metrics_path.exists():
+                kept = [line for line in metrics_path.read_text().splitlines()
+                        if line and json.loads(line)["step"] <= self.global_step]  # fmt: skip
+                metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def save_checkpoint(self) -> Path:
+        path = self.checkpointer.save(self)
+        if self.info.is_main:
+            log.info("checkpoint %s (%.1f s)", path, self.last_checkpoint_seconds)
+        return path
+
     def train(self) -> dict:
+        """All ranks: steps until train.steps; rank 0 records. A preemption signal on any rank
+        makes every rank checkpoint after the current step and raise Preempted (exit 75)."""
         train = self.config.train
         if self.info.is_main:
             log.info("run folder %s; %s", self.run_dir, self.info.summary())
         batches = self.loader.forever()
-        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if self.info.is_main else None
-        bar = tqdm(total=train.steps, initial=self.global_step, unit="step", desc="train", mininterval=1.0,
-                   disable=not (self.info.is_main and train.progress))  # fmt: skip
+        self.preemption.install()
         metrics: dict = {}
-        try:
+        with self._recorder() as record:
             while self.global_step < train.steps:
                 metrics = self.train_step(batches)
                 self._check_finite(metrics)
-                if self.info.is_main:
-                    bar.update(1)
-                    bar.set_postfix_str(_progress(metrics), refresh=False)
-                    if self.global_step % train.log_every == 0 or self.global_step == train.steps:
-                        metrics_file.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
-                        metrics_file.flush()
-                        log.info("step %d/%d %s", self.global_step, train.steps, _progress(metrics))
-                    if self.global_step % train.sample_every == 0 or self.global_step == train.steps:
-                        self.save_samples()
-        finally:
-            bar.close()
-            if metrics_file:
-                metrics_file.close()
+                record(metrics)
+                if metrics["stop_requested"]:  # the same on every rank: it came through the all-reduce
+                    path = self.save_checkpoint()
+                    raise Preempted(
+                        f"preemption signal at step {self.global_step}: checkpoint {path} saved on every rank; "
+                        f"exit {EXIT_REQUEUE} asks the scheduler to requeue (resume with --resume auto)"
+                    )
+                if self._due(train.checkpoint_every):
+                    self.save_checkpoint()
         if self.info.is_main:
             self.export_generator(self.run_dir / GENERATOR_EXPORT)
         return metrics
+
+    def _due(self, every: int) -> bool:
+        return self.global_step % every == 0 or self.global_step == self.config.train.steps
+
+    @contextlib.contextmanager
+    def _recorder(self):
+        """Rank 0: progress line, metrics.jsonl, train.log and sample grids. Other ranks: nothing."""
+        if not self.info.is_main:
+            yield lambda metrics: None
+            return
+        train = self.config.train
+        bar = tqdm(total=train.steps, initial=self.global_step, unit="step", desc="train", mininterval=1.0,
+                   disable=not train.progress)  # fmt: skip
+        with open(self.run_dir / "metrics.jsonl", "a") as metrics_file:
+
+            def record(metrics: dict) -> None:
+                bar.update(1)
+                bar.set_postfix_str(_progress(metrics), refresh=False)
+                if self._due(train.log_every):
+                    metrics_file.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
+                    metrics_file.flush()
+                    log.info("step %d/%d %s", self.global_step, train.steps, _progress(metrics))
+                if self._due(train.sample_every):
+                    self.save_samples()
+
+            try:
+                yield record
+            finally:
+                bar.close()
 
     # ---------------------------------------------------------------- outputs
     def sampling_generator(self) -> torch.nn.Module:
         return self.ema.model if self.ema is not None else self.g_engine.module
 
-    @torch.no_grad()
     def save_samples(self) -> Path:
         """Rank 0: a grid from the fixed latent batch, so grids are comparable across steps."""
-        generator = self.sampling_generator()
-        was_training = generator.training
-        generator.eval()
-        images = generator(self.fixed_z.to(next(generator.parameters()).dtype))
-        generator.train(was_training)
+        images = generate(self.sampling_generator(), self.fixed_z)
         return save_grid(images, self.run_dir / "samples" / f"step_{self.global_step:07d}.png")
 
     def export_generator(self, path: Path) -> Path:
@@ -232,13 +298,54 @@ def _progress(metrics: dict) -> str:
     )
 
 
-def run_training(config: Config, config_name: str) -> int:
+def resolve_run(config: Config, config_name: str, resume: str) -> tuple[Path, Path | None]:
+    """(run folder, checkpoint to resume from). Rank 0 decides; run_training broadcasts it.
+
+    --resume none: a new run; refused if the folder already holds checkpoints (never
+    overwrite a run). auto: the newest complete checkpoint of the run folder, or a fresh
+    start when there is none (a stable train.run_name is required). PATH: that checkpoint,
+    continuing in the run folder that holds it."""
+    train = config.train
+    if resume not in ("none", "auto"):
+        path = Path(resume)
+        if (path / "checkpoints").is_dir():  # a run folder: its newest complete checkpoint
+            path = Checkpointer(path, 0, 1, 1).latest()
+            if path is None:
+                raise UserError(f"--resume {resume}: the run folder holds no complete checkpoint")
+        Checkpointer.read_meta(path)
+        return path.parent.parent, path
+    if resume == "auto" and not train.run_name:
+        raise UserError("--resume auto needs a stable run folder: set train.run_name (slurm/train.sbatch uses the job name)")
+    name = train.run_name or f"{config_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_dir = Path(train.run_root) / name
+    latest = Checkpointer(run_dir, 0, 1, 1).latest()
+    if resume == "none" and latest is not None:
+        raise UserError(
+            f"run folder {run_dir} already holds checkpoints (newest {latest.name}); pass --resume auto to "
+            "continue it, or choose another train.run_name"
+        )
+    return run_dir, latest
+
+
+def run_training(config: Config, config_name: str, resume: str = "none") -> int:
     """Entry of `pipeline train` on every rank."""
     from pipeline.dist import detect
 
     info = detect(config.train.device)
     engines.init_distributed(info, config.deepspeed.timeout_minutes)
-    trainer = Trainer(config, info, config_name)
+    decision: list = [None]
+    if info.is_main:
+        try:
+            decision = [resolve_run(config, config_name, resume)]
+        except UserError as exc:
+            decision = [exc]
+    dist.broadcast_object_list(decision, src=0)
+    if isinstance(decision[0], UserError):
+        raise decision[0]
+    run_dir, checkpoint = decision[0]
+    trainer = Trainer(config, info, run_dir)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
     metrics = trainer.train()
     if info.is_main:
         print(json.dumps({"run_dir": str(trainer.run_dir), "step": trainer.global_step,
@@ -246,4 +353,3 @@ def run_training(config: Config, config_name: str) -> int:
     dist.barrier()
     dist.destroy_process_group()
     return 0
-

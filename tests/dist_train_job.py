@@ -6,6 +6,7 @@ training steps G, D and the EMA weights are identical too. Rank 0 writes the evi
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,8 @@ args = parser.parse_args()
 
 info = detect("cpu")
 engines.init_distributed(info, 2)
-trainer = Trainer(load_config(None, args.overrides), info, "dist")
+config = load_config(None, args.overrides)
+trainer = Trainer(config, info, Path(config.train.run_root) / "dist")
 batches = trainer.loader.forever()
 
 

@@ -92,11 +92,18 @@ def test_gradient_penalty_of_a_linear_critic():
     assert penalty.item() == pytest.approx(16.0)
 
 
-def test_ema_update_by_hand():
+def test_ema_update_by_hand_with_warmup():
     model = nn.Linear(1, 1, bias=False)
     model.weight.data.fill_(0.0)
-    ema = EMA(model, decay=0.9)
+    ema = EMA(model, decay=0.5)
     model.weight.data.fill_(1.0)
-    ema.update(model)
-    ema.update(model)
-    assert ema.model.weight.item() == pytest.approx(1 - 0.9**2)  # 0.1, then 0.19
+    ema.update(model)  # warm-up decay min(0.5, 1/10) = 0.1: 0 -> 0.9
+    assert ema.model.weight.item() == pytest.approx(0.9)
+    ema.update(model)  # min(0.5, 2/11): 0.9 -> 0.9 * 2/11 + 9/11
+    assert ema.model.weight.item() == pytest.approx(0.9 * 2 / 11 + 9 / 11)
+    for _ in range(20):
+        ema.update(model)
+    assert ema.current_decay() == 0.5
+    restored = EMA(model, decay=0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == 22 and torch.equal(restored.model.weight, ema.model.weight)

@@ -15,7 +15,7 @@ from tests.conftest import REPO, run_cli, train_overrides
 
 
 def make_trainer(dist_single, mnist_shards, tmp_path, *extra):
-    return Trainer(load_config(None, train_overrides(mnist_shards, tmp_path, *extra)), dist_single, "test")
+    return Trainer(load_config(None, train_overrides(mnist_shards, tmp_path, *extra)), dist_single, tmp_path / "run")
 
 
 def params(module):

@@ -34,16 +34,20 @@ def test_deepspeed_launcher_two_ranks_identical_gradients_and_weights(warm_ops, 
     assert evidence["losses"][0] == evidence["losses"][1]  # reduced metrics agree on every rank
 
 
-def test_torchrun_cli_two_ranks_is_deterministic(warm_ops, mnist_shards, tmp_path):
-    """`torchrun -m pipeline train` twice with the same seed: identical per-step losses."""
+def test_torchrun_and_deepspeed_module_cli_give_identical_runs(warm_ops, mnist_shards, tmp_path):
+    """The CLI under `torchrun -m pipeline` and under `deepspeed --module pipeline` (the README's
+    main job), same seed and world size: identical per-step losses, launcher to launcher."""
+    launchers = {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"],
+        "deepspeed": [DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), "--module"],
+    }
     losses = []
-    for name in ("a", "b"):
+    for name, launcher in launchers.items():
         overrides = train_overrides(mnist_shards, tmp_path, "train.steps=3", f"train.run_name={name}")
-        result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                      "-m", "pipeline", "train", "--config", REPO / "configs/mnist32.yaml", *overrides],
+        result = run([*launcher, "pipeline", "train", "--config", REPO / "configs/mnist32.yaml", *overrides],
                      timeout=300)  # fmt: skip
         assert result.returncode == 0, result.stderr[-4000:]
         records = [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
-        assert "world_size=2" in (tmp_path / "runs" / name / "train.log").read_text()
+        assert f"launcher={name} world_size=2" in (tmp_path / "runs" / name / "train.log").read_text()
         losses.append([(r["loss_D"], r["loss_G"]) for r in records])
     assert len(losses[0]) == 3 and losses[0] == losses[1]

@@ -35,6 +35,7 @@ import io
 import itertools
 import logging
 import math
+import signal
 from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
@@ -216,6 +217,14 @@ def _keep(batch):
     return batch
 
 
+def _worker_init(worker_id: int) -> None:
+    """Workers leave signals to their rank: a scheduler's SIGTERM/SIGUSR1 to the whole process
+    tree must make the rank checkpoint, not kill its workers mid-batch. They stop when the
+    rank shuts the DataLoader down (or, if the rank dies, by DataLoader's own watchdog)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class ShardedLoader:
     """Yields `Batch`es for this rank; iterate it once per epoch (or use `forever()`)."""
 
@@ -271,6 +280,7 @@ class ShardedLoader:
             prefetch_factor=self.config.prefetch_batches if workers else None,
             timeout=self.config.timeout_s if workers else 0,  # a stuck worker is an error, not a hang
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_worker_init,
         )
         for batch in loader:
             self.batches_consumed += 1

@@ -1,0 +1,168 @@
+"""Checkpoints in-process (1 rank): contents, exact continuation, compatibility, retention, safety."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pipeline.checkpoint import Checkpointer
+from pipeline.config import load_config
+from pipeline.errors import UserError
+from pipeline.export import load_generator
+from pipeline.train import Trainer, resolve_run
+from tests.conftest import REPO, child_env, run_cli, train_overrides
+
+
+def make(dist_single, shards, tmp_path, *extra):
+    config = load_config(None, train_overrides(shards, tmp_path, *extra))
+    return Trainer(config, dist_single, tmp_path / "run")
+
+
+def losses_of(trainer, steps):
+    batches = trainer.loader.forever()
+    return [(m["loss_D"], m["loss_G"]) for m in (trainer.train_step(batches) for _ in range(steps))]
+
+
+def test_checkpoint_contents_and_exact_continuation(dist_single, mnist_shards, tmp_path):
+    trainer = make(dist_single, mnist_shards, tmp_path, "data.workers=1")
+    losses_of(trainer, 2)
+    path = trainer.save_checkpoint()
+    expected = losses_of(trainer, 3)  # what an uninterrupted run does next
+
+    assert (path.parent / "latest").read_text().strip() == "step_0000002"
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["step"] == 2 and meta["world_size"] == 1 and meta["config"]["model"]["g_width"] == 16
+    assert {"torch", "deepspeed", "pipeline"} <= set(meta["versions"])
+    client = torch.load(path / "client" / "rank_00000.pt", weights_only=True)
+    assert client["loader"]["batches_consumed"] == 2 and {"python", "numpy", "torch", "step_generator"} <= set(client["rng"])
+    assert (path / "g" / "engine").is_dir() and (path / "d" / "engine").is_dir() and (path / "ema.pt").is_file()
+
+    fresh = make(dist_single, mnist_shards, tmp_path, "data.workers=1")
+    fresh.resume(path)
+    assert fresh.global_step == 2
+    assert losses_of(fresh, 3) == expected
+    for a, b in zip(fresh.ema.model.parameters(), trainer.ema.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_incompatible_checkpoint_is_refused_saying_what_differs(dist_single, mnist_shards, tmp_path):
+    trainer = make(dist_single, mnist_shards, tmp_path)
+    losses_of(trainer, 1)
+    path = trainer.save_checkpoint()
+    other = make(dist_single, mnist_shards, tmp_path, "model.g_width=8", "train.g_optim.lr=0.001")
+    with pytest.raises(UserError, match="does not fit this job") as err:
+        other.resume(path)
+    assert "model: checkpoint" in str(err.value) and "train.g_optim" in str(err.value)
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps(meta | {"world_size": 4}))
+    with pytest.raises(UserError, match="world size: checkpoint 4, now 1"):
+        make(dist_single, mnist_shards, tmp_path).resume(path)
+    # allowed to change: the step budget, intervals, run folder
+    (path / "meta.json").write_text(json.dumps(meta))
+    make(dist_single, mnist_shards, tmp_path, "train.steps=99", "train.log_every=7").resume(path)
+
+
+def test_keeps_the_newest_k_plus_best(dist_single, mnist_shards, tmp_path):
+    trainer = make(dist_single, mnist_shards, tmp_path, "train.keep_checkpoints=2")
+    saved = []
+    for _ in range(4):
+        losses_of(trainer, 1)
+        saved.append(trainer.save_checkpoint())
+        if len(saved) == 1:
+            trainer.checkpointer.mark_best(saved[0])
+    names = sorted(p.name for p in saved[0].parent.iterdir() if p.is_dir())
+    assert names == ["step_0000001", "step_0000003", "step_0000004"]
+    assert trainer.checkpointer.latest() == saved[-1]
+
+
+def test_crafted_engine_file_is_refused_before_deepspeed_unpickles_it(dist_single, mnist_shards, tmp_path):
+    trainer = make(dist_single, mnist_shards, tmp_path)
+    path = trainer.save_checkpoint()
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path}/PWNED",))
+
+    target = path / "d" / "engine" / "mp_rank_00_model_states.pt"
+    with open(target, "wb") as f:
+        pickle.dump({"module": Exploit()}, f)
+    with pytest.raises(UserError, match="holds more than tensors; refused"):
+        make(dist_single, mnist_shards, tmp_path).resume(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_resume_modes(mnist_shards, tmp_path):
+    config = load_config(None, train_overrides(mnist_shards, tmp_path, "train.run_name=r"))
+    assert resolve_run(config, "x", "auto") == (tmp_path / "runs" / "r", None)  # nothing yet: fresh start
+    with pytest.raises(UserError, match="--resume auto needs a stable run folder"):
+        resolve_run(load_config(None, train_overrides(mnist_shards, tmp_path)), "x", "auto")
+    step = tmp_path / "runs" / "r" / "checkpoints" / "step_0000003"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text(json.dumps({"format": "gan-pipeline-checkpoint/1"}))
+    (step.parent / "latest").write_text("step_0000003\n")
+    with pytest.raises(UserError, match="already holds checkpoints .*--resume auto"):
+        resolve_run(config, "x", "none")
+    assert resolve_run(config, "x", "auto") == (tmp_path / "runs" / "r", step)
+    assert resolve_run(config, "x", str(tmp_path / "runs" / "r")) == (tmp_path / "runs" / "r", step)
+    (step.parent / "step_0000004.tmp").mkdir()  # a half-written save is never picked
+    assert resolve_run(config, "x", "auto")[1] == step
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint_and_resumes_exactly(mnist_shards, tmp_path):
+    """SIGKILL the moment a save starts writing; `latest` still names a complete checkpoint,
+    and the resumed run's losses equal an uninterrupted run's, step for step."""
+    common = ["train", "--config", REPO / "configs/mnist32.yaml",
+              *train_overrides(mnist_shards, tmp_path, "train.steps=6", "train.checkpoint_every=1",
+                               "model.g_width=64", "model.d_width=64")]  # fmt: skip
+    straight = run_cli(*common, "train.run_name=straight", timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    run_dir = tmp_path / "runs" / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, common), "train.run_name=killed"],
+                            cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((run_dir / "checkpoints").glob("step_0000004.tmp/*")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    latest = Checkpointer(run_dir, 0, 1, 1).latest()
+    assert latest is not None and latest.name == "step_0000003"  # the save of step 4 never published
+
+    resumed = run_cli(*common, "train.run_name=killed", "--resume", "auto", timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in (run_dir / "train.log").read_text()
+
+    def per_step(name):
+        lines = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss_D"], r["loss_G"]) for r in map(json.loads, lines)]
+
+    assert per_step("killed") == per_step("straight")
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
+def test_export_and_sample_from_a_checkpoint_without_deepspeed(dist_single, mnist_shards, tmp_path):
+    trainer = make(dist_single, mnist_shards, tmp_path)
+    losses_of(trainer, 2)
+    path = trainer.save_checkpoint()
+    out = tmp_path / "G.pt"
+    result = run_cli("export", "--checkpoint", tmp_path / "run", "--out", out)  # a run folder: its newest checkpoint
+    assert result.returncode == 0, result.stderr
+    payload = torch.load(out, weights_only=True)  # torch alone
+    assert payload["step"] == 2 and payload["ema"] and payload["model"]["width"] == 16
+    for key, value in trainer.ema.model.state_dict().items():
+        assert torch.equal(payload["state_dict"][key], value.float())
+    generator, _ = load_generator(path)
+    assert generator(torch.randn(3, 100)).shape == (3, 1, 32, 32)
+    sampled = run_cli("sample", "--checkpoint", path, "--n", 4, "--out", tmp_path / "g.png")
+    assert sampled.returncode == 0 and "step 2 (EMA G)" in sampled.stdout
+    assert "deepspeed" not in subprocess.run(
+        [sys.executable, "-c", "import sys, pipeline.export; pipeline.export.load_generator(sys.argv[1]); "
+         "print(' '.join(m for m in sys.modules if m.startswith('deepspeed')))", str(path)],
+        capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=60,
+    ).stdout  # fmt: skip

@@ -1,0 +1,97 @@
+"""The headline: 2 CPU ranks under the real deepspeed launcher resume bit-exactly, and a
+preemption signal to any one rank checkpoints all of them and asks for a requeue (exit 75)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from pipeline.dist import free_port
+from pipeline.errors import EXIT_REQUEUE
+from tests.conftest import REPO, child_env, run, train_overrides
+
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+
+
+def launch_command(shards, tmp_path, name, steps, *extra):
+    overrides = train_overrides(shards, tmp_path, f"train.steps={steps}", f"train.run_name={name}", *extra)
+    return [DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), "--module", "pipeline", "train",
+            "--config", REPO / "configs/mnist32.yaml", *overrides]  # fmt: skip
+
+
+def per_step(run_dir):
+    return [(r["step"], r["loss_D"], r["loss_G"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+
+def final_weights(run_dir):
+    latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+    load = lambda p: torch.load(p, map_location="cpu", weights_only=True)  # noqa: E731
+    return {
+        "G": load(latest / "g" / "engine" / "mp_rank_00_model_states.pt")["module"],
+        "D": load(latest / "d" / "engine" / "mp_rank_00_model_states.pt")["module"],
+        "EMA": load(latest / "ema.pt")["model"],
+    }
+
+
+@pytest.mark.parametrize("extra", [[], ["deepspeed.gradient_accumulation=2", "data.workers=2"]], ids=["plain", "accum2-workers2"])
+def test_two_ranks_n_plus_n_equals_2n(dist_single, mnist_shards, tmp_path, extra):
+    n = 4
+    straight = run(launch_command(mnist_shards, tmp_path, "straight", 2 * n, *extra), timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run(launch_command(mnist_shards, tmp_path, "split", n, *extra), timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run([*launch_command(mnist_shards, tmp_path, "split", 2 * n, *extra), "--resume", "auto"], timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    straight_dir, split_dir = tmp_path / "runs" / "straight", tmp_path / "runs" / "split"
+    assert "resumed from" in (split_dir / "train.log").read_text()
+    assert per_step(split_dir) == per_step(straight_dir) and len(per_step(straight_dir)) == 2 * n
+    want, got = final_weights(straight_dir), final_weights(split_dir)
+    for network in ("G", "D", "EMA"):
+        assert want[network].keys() == got[network].keys()
+        for key in want[network]:
+            assert torch.equal(want[network][key], got[network][key]), f"{network}.{key}"
+
+
+def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        if f"--local_rank={rank}" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError(f"rank {rank} not found")
+
+
+def test_signal_to_one_rank_checkpoints_all_and_requeues(dist_single, mnist_shards, tmp_path):
+    steps, extra = 40, ("model.g_width=64", "model.d_width=64", "train.checkpoint_every=1000")
+    run_dir = tmp_path / "runs" / "pre"
+    launcher = subprocess.Popen([str(c) for c in launch_command(mnist_shards, tmp_path, "pre", steps, *extra)],
+                                cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+        (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3
+    ):
+        time.sleep(0.05)
+    rank_process(launcher, 1).send_signal(signal.SIGUSR1)  # to one rank only
+    rank0 = rank_process(launcher, 0)
+    while time.time() < deadline and not list((run_dir / "checkpoints").glob("*.tmp")):
+        time.sleep(0.002)
+    rank0.send_signal(signal.SIGTERM)  # a second signal, while the checkpoint is being written
+    _, stderr = launcher.communicate(timeout=240)
+    assert launcher.returncode == EXIT_REQUEUE, stderr[-3000:]
+    assert "preemption signal at step" in stderr
+
+    stopped_at = per_step(run_dir)[-1][0]
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{stopped_at:07d}" and 3 <= stopped_at < steps
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+    resumed = run([*launch_command(mnist_shards, tmp_path, "pre", steps, *extra), "--resume", "auto"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = run(launch_command(mnist_shards, tmp_path, "straight", steps, *extra), timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert per_step(run_dir) == per_step(tmp_path / "runs" / "straight")
