@@ -103,6 +103,19 @@ class TrainConfig(Section):
     progress: bool = Field(True, description="rank 0 progress bar")
 
 
+class TrackingConfig(Section):
+    enabled: bool = Field(True, description="log the run to MLflow (rank 0 only)")
+    uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins; default: "
+                            "sqlite:///<train.run_root>/mlflow.db, no server needed")
+    experiment: str = Field("dcgan", min_length=1, description="MLflow experiment name")
+    run_name: str | None = Field(None, description="MLflow run name; default: the run folder name")
+    tags: dict[str, str] = Field(default_factory=dict, description="extra MLflow run tags")
+    flush_every_s: float = Field(5.0, gt=0, description="seconds between deliveries of buffered metrics")
+    flush_timeout_s: float = Field(60.0, ge=0, description="longest wait at the end of a run for delivery")
+    max_buffered_metrics: int = Field(500_000, ge=1000, description="metric values kept during an outage")
+    upload_final_checkpoint: bool = Field(False, description="also upload the last checkpoint folder")
+
+
 class Config(Section):
     seed: int = Field(0, ge=0, description="seed of every random choice (data order, init, latents)")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -110,6 +123,7 @@ class Config(Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _fp16_needs_zero(self):

@@ -15,11 +15,14 @@ import contextlib
 import json
 import logging
 import math
+import platform
 import signal
+import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -34,6 +37,7 @@ from pipeline.errors import EXIT_REQUEUE, Preempted, UserError
 from pipeline.export import generate, save_generator
 from pipeline.images import save_grid
 from pipeline.models.dcgan import Discriminator, Generator
+from pipeline.tracking import NullTracker, flatten, make_tracker
 
 log = logging.getLogger("pipeline.train")
 GENERATOR_EXPORT = "generator.pt"
@@ -70,7 +74,7 @@ class PreemptionFlag:
 
 
 class Trainer:
-    def __init__(self, config: Config, info: DistInfo, run_dir: Path):
+    def __init__(self, config: Config, info: DistInfo, run_dir: Path, tracker=None):
         self.config, self.info, self.device = config, info, info.device
         self.dtype = engines.compute_dtype(config)
         torch.manual_seed(config.seed)  # same init on every rank (initialize also broadcasts rank 0's)
@@ -92,6 +96,7 @@ class Trainer:
         self.last_checkpoint_seconds = 0.0
         self.preemption = PreemptionFlag()
         self.run_dir = Path(run_dir)
+        self.tracker = tracker or NullTracker()
         self.checkpointer = Checkpointer(self.run_dir, info.rank, info.world_size, config.train.keep_checkpoints)
         self._prepare_run_dir()
 
@@ -135,8 +140,8 @@ class Trainer:
             loss = loss + self.config.loss.gp_weight * gp.float()
         self.d_engine.backward(loss)
         norm = engines.step(self.d_engine)
-        return {"loss_D": loss.item(), "D(x)": losses.d_confidence(kind, d_real),
-                "D(G(z))": losses.d_confidence(kind, d_fake), "grad_norm_D": norm}  # fmt: skip
+        return {"loss_D": loss.item(), "D_x": losses.d_confidence(kind, d_real),
+                "D_G_z": losses.d_confidence(kind, d_fake), "grad_norm_D": norm}  # fmt: skip
 
     def g_step(self, batch_size: int) -> dict:
         """One G micro-step through D's raw module with D frozen: G's backward touches only G.
@@ -175,7 +180,7 @@ class Trainer:
 
     def _reduce(self, d_records: list[dict], g_records: list[dict]) -> dict:
         """Means over micro-steps and ranks (one small all-reduce: every rank sees the same values)."""
-        keys = ["loss_D", "D(x)", "D(G(z))", "loss_G"]
+        keys = ["loss_D", "D_x", "D_G_z", "loss_G"]
         local = [sum(r[k] for r in d_records) / len(d_records) for k in keys[:3]]
         local.append(sum(r["loss_G"] for r in g_records) / len(g_records))
         local.append(float(self.preemption.signum is not None))  # rides on the same all-reduce
@@ -191,6 +196,9 @@ class Trainer:
             metrics[f"skipped_steps_{net}"] = engines.skipped_steps(engine)
             metrics[f"lr_{net}"] = engines.learning_rate(engine)
         metrics["corrupt_samples"] = self.loader.corrupt_samples
+        metrics["rss_mb"] = psutil.Process().memory_info().rss / 2**20
+        if self.device.type == "cuda":
+            metrics["gpu_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return metrics
 
     def _check_finite(self, metrics: dict) -> None:
@@ -206,7 +214,7 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ loop
-    def resume(self, path: Path) -> None:
+    def resume(self, path: Path) -> dict:
         """All ranks: continue from a checkpoint; rank 0 drops metrics logged after it."""
         meta = self.checkpointer.load(self, path)
         if self.info.is_main:
@@ -216,11 +224,36 @@ class Trainer:
                 kept = [line for line in metrics_path.read_text().splitlines()
                         if line and json.loads(line)["step"] <= self.global_step]  # fmt: skip
                 metrics_path.write_text("".join(line + "\n" for line in kept))
+        return meta
+
+    def start_tracking(self, run_id: str | None = None) -> None:
+        """Rank 0: open the MLflow run (the checkpoint's run when resuming) and log the set-up."""
+        if not self.info.is_main:
+            return
+        tracking = self.config.tracking
+        tags = {"run_dir": str(self.run_dir.resolve()), "launcher": self.info.launcher, **tracking.tags}
+        self.tracker.start(tracking.run_name or self.run_dir.name, run_id=run_id, tags=tags)
+        if run_id:
+            self.tracker.set_tags({"resumed_at_step": self.global_step})
+            return
+        manifest = self.loader.manifest or {}
+        params = {
+            **flatten(self.config.model_dump(mode="json"), "config."),
+            **flatten(self.ds_configs["g"], "ds_g."), **flatten(self.ds_configs["d"], "ds_d."),
+            "world_size": self.info.world_size, "nodes": max(1, self.info.world_size // self.info.local_world_size),
+            "device": self.device.type, "launcher": self.info.launcher, **_versions(),
+            "data.count": manifest.get("count"), "data.resolution": manifest.get("resolution"),
+            "data.channels": manifest.get("channels"), "data.manifest_sha256": manifest.get("_hash"),
+        }  # fmt: skip
+        self.tracker.log_params(params)
+        for name in ("config.yaml", "ds_config_g.json", "ds_config_d.json"):
+            self.tracker.log_artifact(self.run_dir / name, "config")
 
     def save_checkpoint(self) -> Path:
-        path = self.checkpointer.save(self)
+        path = self.checkpointer.save(self, {"tracking_run_id": self.tracker.run_id})
         if self.info.is_main:
             log.info("checkpoint %s (%.1f s)", path, self.last_checkpoint_seconds)
+            self.tracker.set_tags({"checkpoint.latest": str(path.resolve()), "checkpoint.step": self.global_step})
         return path
 
     def train(self) -> dict:
@@ -246,7 +279,10 @@ class Trainer:
                 if self._due(train.checkpoint_every):
                     self.save_checkpoint()
         if self.info.is_main:
-            self.export_generator(self.run_dir / GENERATOR_EXPORT)
+            self.tracker.log_artifact(self.export_generator(self.run_dir / GENERATOR_EXPORT), "model")
+            latest = self.checkpointer.latest()
+            if self.config.tracking.upload_final_checkpoint and latest is not None:
+                self.tracker.log_artifact(latest, f"checkpoints/{latest.name}")
         return metrics
 
     def _due(self, every: int) -> bool:
@@ -269,9 +305,10 @@ class Trainer:
                 if self._due(train.log_every):
                     metrics_file.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
                     metrics_file.flush()
+                    self.tracker.log_metrics(metrics, self.global_step)
                     log.info("step %d/%d %s", self.global_step, train.steps, _progress(metrics))
                 if self._due(train.sample_every):
-                    self.save_samples()
+                    self.tracker.log_image(self.save_samples(), "samples", self.global_step)
 
             try:
                 yield record
@@ -294,7 +331,7 @@ class Trainer:
 def _progress(metrics: dict) -> str:
     return (
         f"img/s={metrics['images_per_s']:.0f} loss_D={metrics['loss_D']:.3f} loss_G={metrics['loss_G']:.3f} "
-        f"D(x)={metrics['D(x)']:.3f} D(G(z))={metrics['D(G(z))']:.3f}"
+        f"D(x)={metrics['D_x']:.3f} D(G(z))={metrics['D_G_z']:.3f}"
     )
 
 
@@ -327,29 +364,62 @@ def resolve_run(config: Config, config_name: str, resume: str) -> tuple[Path, Pa
     return run_dir, latest
 
 
+def _versions() -> dict:
+    import deepspeed
+    import webdataset
+
+    versions = {"version.python": platform.python_version(), "version.torch": torch.__version__,
+                "version.deepspeed": deepspeed.__version__, "version.webdataset": webdataset.__version__}  # fmt: skip
+    try:
+        from importlib.metadata import version
+
+        versions["version.mlflow"] = version("mlflow-skinny")
+    except Exception:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent)  # fmt: skip
+        if commit.returncode == 0:
+            versions["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return versions
+
+
 def run_training(config: Config, config_name: str, resume: str = "none") -> int:
-    """Entry of `pipeline train` on every rank."""
+    """Entry of `pipeline train` on every rank. Rank 0 settles the run folder and checks the
+    tracking store before any training work; a problem there stops every rank."""
     from pipeline.dist import detect
 
     info = detect(config.train.device)
     engines.init_distributed(info, config.deepspeed.timeout_minutes)
     decision: list = [None]
+    tracker = NullTracker()
     if info.is_main:
         try:
             decision = [resolve_run(config, config_name, resume)]
+            tracker = make_tracker(config.tracking, config.train.run_root, info.is_main)
         except UserError as exc:
             decision = [exc]
     dist.broadcast_object_list(decision, src=0)
     if isinstance(decision[0], UserError):
         raise decision[0]
     run_dir, checkpoint = decision[0]
-    trainer = Trainer(config, info, run_dir)
-    if checkpoint is not None:
-        trainer.resume(checkpoint)
-    metrics = trainer.train()
+    trainer = Trainer(config, info, run_dir, tracker)
+    meta = trainer.resume(checkpoint) if checkpoint is not None else {}
+    trainer.start_tracking(meta.get("tracking_run_id"))
+    try:
+        metrics = trainer.train()
+    except Preempted:
+        tracker.finish("KILLED")
+        raise
+    except BaseException as exc:
+        tracker.finish("FAILED", error=f"{type(exc).__name__}: {exc}")
+        raise
+    tracker.finish("FINISHED")
     if info.is_main:
-        print(json.dumps({"run_dir": str(trainer.run_dir), "step": trainer.global_step,
-                          **{k: metrics.get(k) for k in ("loss_D", "loss_G", "D(x)", "D(G(z))")}}))  # fmt: skip
+        print(json.dumps({"run_dir": str(trainer.run_dir), "step": trainer.global_step, "mlflow_run_id": tracker.run_id,
+                          **{k: metrics.get(k) for k in ("loss_D", "loss_G", "D_x", "D_G_z")}}))  # fmt: skip
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -89,3 +89,56 @@ def train_overrides(shards, tmp_path, *extra) -> list[str]:
         f"train.run_root={tmp_path}/runs", "train.progress=false", "train.log_every=1", "train.sample_every=1000",
         *extra,
     ]  # fmt: skip
+
+
+class MlflowServer:
+    """A real `mlflow server` started through launch/mlflow_server.sh, stoppable and restartable
+    on the same port and store (to test outages)."""
+
+    def __init__(self, root: Path):
+        from pipeline.dist import free_port
+
+        self.root, self.port, self.proc = root, free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 90) -> "MlflowServer":
+        import time
+        import urllib.request
+
+        env = child_env({"MLFLOW_BIN": str(Path(sys.executable).parent / "mlflow")})
+        self.proc = subprocess.Popen(
+            ["bash", str(REPO / "launch/mlflow_server.sh"), "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
+             "--artifacts-destination", str(self.root / "artifacts"), "--port", str(self.port)],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "ab"),
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.5)
+            if self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path / "mlflow-server")
+    server.root.mkdir()
+    yield server.start()
+    server.stop()

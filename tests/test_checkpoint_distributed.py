@@ -85,6 +85,11 @@ def test_signal_to_one_rank_checkpoints_all_and_requeues(dist_single, mnist_shar
     assert launcher.returncode == EXIT_REQUEUE, stderr[-3000:]
     assert "preemption signal at step" in stderr
 
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    [preempted] = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id])
+    assert preempted.info.status == "KILLED"
     stopped_at = per_step(run_dir)[-1][0]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{stopped_at:07d}" and 3 <= stopped_at < steps
@@ -92,6 +97,9 @@ def test_signal_to_one_rank_checkpoints_all_and_requeues(dist_single, mnist_shar
 
     resumed = run([*launch_command(mnist_shards, tmp_path, "pre", steps, *extra), "--resume", "auto"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = client.get_run(preempted.info.run_id)  # the same MLflow run continued, and finished
+    assert after.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(after.info.run_id, "loss_D")] == list(range(1, steps + 1))
     straight = run(launch_command(mnist_shards, tmp_path, "straight", steps, *extra), timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert per_step(run_dir) == per_step(tmp_path / "runs" / "straight")

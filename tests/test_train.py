@@ -137,7 +137,7 @@ def test_cli_run_writes_run_dir_and_sample_command_reads_it(mnist_shards, tmp_pa
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    for key in ("loss_D", "loss_G", "D(x)", "D(G(z))", "grad_norm_D", "grad_norm_G", "lr_D", "images_per_s",
+    for key in ("loss_D", "loss_G", "D_x", "D_G_z", "grad_norm_D", "grad_norm_G", "lr_D", "images_per_s",
                 "data_wait_share", "skipped_steps_D", "corrupt_samples"):  # fmt: skip
         assert key in records[-1]
     assert "step 4/4" in (run_dir / "train.log").read_text()

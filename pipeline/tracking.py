@@ -1,0 +1,301 @@
+"""MLflow tracking that never slows or stops training, and loses nothing in an outage.
+
+Which ranks run it: rank 0 alone creates an `MlflowTracker`; every other rank gets a
+`NullTracker` and never imports mlflow or touches the store.
+
+The training thread only appends to an in-memory queue. A background thread delivers it
+in order (metrics coalesced into `log_batch` calls of up to 1000 values) every
+`tracking.flush_every_s`. When the server is unreachable, slow or erroring, the thread keeps
+the queue and retries with back-off, warning once per outage; after
+`tracking.max_buffered_metrics` queued values the oldest metrics are dropped, with a
+warning. At the end of the run `finish` waits at most `tracking.flush_timeout_s`.
+
+Where runs go: `MLFLOW_TRACKING_URI` if set (as MLflow users expect), else `tracking.uri`,
+else an embedded sqlite store `sqlite:///<run_root>/mlflow.db` with artifacts in
+`<run_root>/mlartifacts` (no server needed; browse with
+`mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pipeline.errors import UserError
+
+log = logging.getLogger("pipeline.tracking")
+SECRET_WORDS = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
+BATCH_LIMIT = 1000  # MLflow's log_batch limit on metrics per call
+PARAM_BATCH_LIMIT = 100
+
+
+def redact_uri(uri: str) -> str:
+    """Drop user:password@ and query strings (tokens live there) from a URI before it is shown or logged."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return "<unparseable uri>"
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+USERINFO = re.compile(r"(?<=://)[^/\s@]+@")
+SECRET_QUERY = re.compile(r"([?&][^=&\s]*(?:token|key|secret|password|sig|signature|credential)[^=&\s]*=)[^&\s]+", re.IGNORECASE)
+
+
+def redact_text(text: str) -> str:
+    """Credentials inside any URL of a free text: user:password@ and secret-looking query values."""
+    return SECRET_QUERY.sub(r"\1***", USERINFO.sub("", text))
+
+
+def safe_params(params: dict[str, Any]) -> dict[str, str]:
+    """Stringified params with secret-looking keys masked and URIs stripped of credentials."""
+    result = {}
+    for key, value in params.items():
+        text = "" if value is None else str(value)
+        if SECRET_WORDS.search(key):
+            text = "***"
+        elif "://" in text:
+            text = redact_text(text)
+        result[key[:250]] = text[:6000]
+    return result
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out |= flatten(value, f"{prefix}{key}.")
+        return out
+    return {prefix[:-1]: tree}
+
+
+def resolve_uri(configured: str | None, run_root: str | Path) -> tuple[str, str | None]:
+    """(tracking URI, artifact location for a new experiment or None to let the server decide)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if uri:
+        return uri, None
+    root = Path(run_root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
+
+
+class NullTracker:
+    """Ranks other than 0, or tracking.enabled: false."""
+
+    run_id = None
+    uri = None
+
+    def start(self, *args, **kwargs) -> None:
+        return None
+
+    def log_params(self, params: dict) -> None: ...
+    def log_metrics(self, metrics: dict, step: int) -> None: ...
+    def log_artifact(self, path, artifact_path: str | None = None) -> None: ...
+    def log_image(self, path, key: str, step: int) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def finish(self, status: str, error: str | None = None) -> None: ...
+
+
+class MlflowTracker:
+    """Rank 0 only. Construction checks that the store answers: a bad URI fails here, before training."""
+
+    def __init__(self, config, run_root: str | Path):
+        # Our own retry loop below replaces MLflow's (7 retries with back-off would block a flush for minutes).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        from mlflow.tracking import MlflowClient
+
+        self.config = config
+        self.uri, artifact_location = resolve_uri(config.uri, run_root)
+        self.shown_uri = redact_uri(self.uri)
+        scheme = urlsplit(self.uri).scheme
+        if scheme not in ("http", "https", "sqlite", "postgresql", "mysql", "file", "databricks", ""):
+            raise UserError(f"tracking.uri {self.shown_uri}: unsupported scheme {scheme!r}")
+        self.client = MlflowClient(tracking_uri=self.uri)
+        try:
+            experiment = self.client.get_experiment_by_name(config.experiment)
+            self.experiment_id = (
+                experiment.experiment_id
+                if experiment is not None
+                else self.client.create_experiment(config.experiment, artifact_location=artifact_location)
+            )
+        except Exception as exc:
+            raise UserError(
+                f"tracking store {self.shown_uri} did not answer ({type(exc).__name__}: {str(exc)[:300]}). "
+                "Start the server (launch/mlflow_server.sh), fix tracking.uri / MLFLOW_TRACKING_URI, "
+                "or set tracking.enabled: false"
+            ) from None
+        self.run_id: str | None = None
+        self._queue: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._buffered_metrics = 0
+        self.dropped_metrics = 0
+        self.outage_since: float | None = None
+
+    # ------------------------------------------------------------ producer side
+    def start(self, run_name: str, run_id: str | None = None, tags: dict | None = None) -> str:
+        """A new run, or the given one (a resumed training) set back to RUNNING."""
+        tags = safe_params(tags or {})
+        if run_id:
+            self.client.get_run(run_id)  # raises if it is gone
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+            self.set_tags(tags)
+        else:
+            self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
+        self._thread = threading.Thread(target=self._deliver_forever, name="mlflow-tracking", daemon=True)
+        self._thread.start()
+        log.info("tracking run %s in %s (experiment %r)", self.run_id, self.shown_uri, self.config.experiment)
+        return self.run_id
+
+    def _put(self, op: tuple) -> None:
+        with self._lock:
+            self._queue.append(op)
+            if op[0] == "metrics":
+                self._buffered_metrics += len(op[1])
+                self._drop_oldest_metrics()
+
+    def _drop_oldest_metrics(self) -> None:
+        limit = self.config.max_buffered_metrics
+        while self._buffered_metrics > limit:
+            index = next((i for i, op in enumerate(self._queue) if op[0] == "metrics"), None)
+            if index is None:
+                return
+            dropped = self._queue[index]
+            del self._queue[index]
+            self._buffered_metrics -= len(dropped[1])
+            if self.dropped_metrics == 0:
+                log.warning("tracking buffer full (%d metric values): dropping the oldest", limit)
+            self.dropped_metrics += len(dropped[1])
+
+    def log_params(self, params: dict) -> None:
+        items = list(safe_params(params).items())
+        for start in range(0, len(items), PARAM_BATCH_LIMIT):
+            self._put(("params", dict(items[start : start + PARAM_BATCH_LIMIT])))
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        now = int(time.time() * 1000)
+        values = [(k, float(v), now, step) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))]  # fmt: skip
+        if values:
+            self._put(("metrics", values))
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        self._put(("artifact", str(path), artifact_path))
+
+    def log_image(self, path, key: str, step: int) -> None:
+        self._put(("image", str(path), key, step))
+
+    def set_tags(self, tags: dict) -> None:
+        self._put(("tags", safe_params(tags)))
+
+    def finish(self, status: str, error: str | None = None) -> None:
+        """Queue the end state, then wait at most flush_timeout_s for delivery."""
+        if self.run_id is None:
+            return
+        if error:
+            self.set_tags({"error": error[:5000]})
+        self._put(("status", status))
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.config.flush_timeout_s)
+        left = len(self._queue)
+        if left:
+            log.warning("tracking: %d item(s) not delivered to %s within %.0f s (metrics.jsonl in the run "
+                        "folder has every metric)", left, self.shown_uri, self.config.flush_timeout_s)  # fmt: skip
+
+    # ------------------------------------------------------------ delivery side
+    def _deliver_forever(self) -> None:
+        backoff = 1.0
+        while True:
+            self._wake.wait(timeout=self.config.flush_every_s)
+            self._wake.clear()
+            while self._queue:
+                try:
+                    self._deliver_one()
+                except Exception as exc:  # server down, slow or erroring: keep everything, retry later
+                    if _is_client_error(exc):
+                        with self._lock:
+                            op = self._queue.popleft()
+                            if op[0] == "metrics":
+                                self._buffered_metrics -= len(op[1])
+                        log.warning("tracking: MLflow refused %s (%s); skipped", op[0], str(exc)[:300])
+                        continue
+                    if self.outage_since is None:
+                        self.outage_since = time.time()
+                        log.warning("tracking server %s unreachable (%s); buffering and retrying",
+                                    self.shown_uri, str(exc)[:200])  # fmt: skip
+                    if self._stop.wait(timeout=backoff) and time.time() - self.outage_since > 3600:
+                        return
+                    backoff = min(backoff * 2, 30.0)
+                    continue
+                if self.outage_since is not None:
+                    log.warning("tracking server back after %.0f s; delivering the buffer", time.time() - self.outage_since)
+                    self.outage_since = None
+                backoff = 1.0
+            if self._stop.is_set() and not self._queue:
+                return
+
+    def _deliver_one(self) -> None:
+        """Send the oldest queued item (metrics: coalesced up to BATCH_LIMIT); remove it only on success."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        op = self._queue[0]
+        kind = op[0]
+        if kind == "metrics":
+            taken, values = 0, []
+            for queued in list(self._queue):
+                if queued[0] != "metrics" or len(values) + len(queued[1]) > BATCH_LIMIT:
+                    break
+                values.extend(queued[1])
+                taken += 1
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, t, s) for k, v, t, s in values], synchronous=True)
+            with self._lock:
+                for _ in range(taken):
+                    self._queue.popleft()
+                self._buffered_metrics -= len(values)
+            return
+        if kind == "params":
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in op[1].items()], synchronous=True)
+        elif kind == "tags":
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in op[1].items()], synchronous=True)
+        elif kind == "artifact":
+            if Path(op[1]).is_dir():
+                self.client.log_artifacts(self.run_id, op[1], op[2])
+            else:
+                self.client.log_artifact(self.run_id, op[1], op[2])
+        elif kind == "image":
+            from PIL import Image
+
+            with Image.open(op[1]) as image:
+                self.client.log_image(self.run_id, image.copy(), key=op[2], step=op[3], synchronous=True)
+        elif kind == "status":
+            self.client.set_terminated(self.run_id, status=op[1])
+        with self._lock:
+            self._queue.popleft()
+
+
+def _is_client_error(exc: Exception) -> bool:
+    """MLflow said no to the request itself (bad value, too long): retrying cannot help."""
+    code = getattr(exc, "error_code", None)
+    return code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE")
+
+
+def make_tracker(config, run_root, is_main: bool):
+    """Rank 0 with tracking enabled gets the real tracker; everyone else the null one."""
+    if not (is_main and config.enabled):
+        return NullTracker()
+    return MlflowTracker(config, run_root)

@@ -1,0 +1,140 @@
+"""MLflow tracking against the embedded sqlite store and a real `mlflow server` process."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking import redact_uri, safe_params
+from tests.conftest import REPO, child_env, run_cli, train_overrides
+
+
+def train(shards, tmp_path, *extra, env=None, timeout=300):
+    result = run_cli("train", "--config", REPO / "configs/mnist32.yaml",
+                     *train_overrides(shards, tmp_path, *extra), env=env, timeout=timeout)  # fmt: skip
+    return result, (json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else None)
+
+
+def sqlite_client(tmp_path):
+    return MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+
+
+def steps_of(client, run_id, key="loss_D"):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def test_embedded_sqlite_run_has_params_metrics_images_and_artifacts(mnist_shards, tmp_path):
+    result, summary = train(mnist_shards, tmp_path, "train.steps=6", "train.sample_every=3", "train.log_every=2",
+                            "train.run_name=r1", "tracking.tags={team: gan}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = sqlite_client(tmp_path)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.info.run_name == "r1"
+    params = run.data.params
+    assert params["config.model.resolution"] == "32" and params["world_size"] == "1"
+    assert params["ds_d.gradient_clipping"] == "0.0" and params["version.deepspeed"] == "0.19.8"
+    assert len(params["data.manifest_sha256"]) == 64 and params["data.count"] == "512"
+    assert run.data.tags["team"] == "gan" and run.data.tags["checkpoint.latest"].endswith("step_0000006")
+    for key in ("loss_D", "loss_G", "D_x", "D_G_z", "grad_norm_D", "images_per_s", "data_wait_share", "rss_mb"):
+        assert steps_of(client, run.info.run_id, key) == [2, 4, 6], key
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config", "model", "images"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/generator.pt"}
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any("samples+step+3+" in p for p in images) and any("samples+step+6+" in p for p in images)
+
+
+def test_resume_continues_the_same_run(mnist_shards, tmp_path):
+    first, summary1 = train(mnist_shards, tmp_path, "train.steps=3", "train.run_name=r")
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = run_cli("train", *train_overrides(mnist_shards, tmp_path, "train.steps=6", "train.run_name=r"),
+                     "--resume", "auto", timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary2 = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary2["mlflow_run_id"] == summary1["mlflow_run_id"]
+    client = sqlite_client(tmp_path)
+    assert steps_of(client, summary1["mlflow_run_id"]) == [1, 2, 3, 4, 5, 6]
+    run = client.get_run(summary1["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_at_step"] == "3"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_failed_run_is_marked_failed_with_the_error(mnist_shards, tmp_path):
+    result, _ = train(mnist_shards, tmp_path, "train.d_optim.lr=1e30", "train.g_optim.lr=1e30", "train.steps=50",
+                      "train.max_nonfinite_steps=2", "train.run_name=bad")  # fmt: skip
+    assert result.returncode == 3
+    client = sqlite_client(tmp_path)
+    [run] = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id])
+    assert run.info.status == "FAILED" and "non-finite" in run.data.tags["error"]
+
+
+def test_bad_uri_is_a_clear_error_before_training(mnist_shards, tmp_path):
+    result, _ = train(mnist_shards, tmp_path, "tracking.uri=http://127.0.0.1:9", "train.run_name=x", timeout=120)
+    assert result.returncode == 2 and "did not answer" in result.stderr and "127.0.0.1:9" in result.stderr
+    assert not (tmp_path / "runs" / "x").exists()  # nothing was started
+    result, _ = train(mnist_shards, tmp_path, "tracking.uri=ftp://host/x")
+    assert result.returncode == 2 and "unsupported scheme 'ftp'" in result.stderr
+    # MLFLOW_TRACKING_URI wins over the config, as MLflow users expect
+    result, _ = train(mnist_shards, tmp_path, "train.run_name=y", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    assert result.returncode == 2 and "127.0.0.1:9" in result.stderr
+
+
+def test_secrets_never_reach_params_or_tags(mnist_shards, tmp_path):
+    assert redact_uri("https://alice:hunter2@host:5000/path?token=abc") == "https://host:5000/path"
+    assert safe_params({"db_password": "x", "api_token": "y", "uri": "postgresql://u:p@h/db"}) == {
+        "db_password": "***", "api_token": "***", "uri": "postgresql://h/db"}
+    result, summary = train(mnist_shards, tmp_path, "train.steps=1", "train.run_name=s",
+                            "tracking.tags={api_token: hunter2, note: 'see https://bob:hunter2@example.org/x'}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = sqlite_client(tmp_path).get_run(summary["mlflow_run_id"])
+    assert not any("hunter2" in v for v in [*run.data.params.values(), *run.data.tags.values()])
+
+
+def test_real_server_outage_mid_run_loses_no_metric(mnist_shards, tmp_path, mlflow_server):
+    steps = 300
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", *train_overrides(
+            mnist_shards, tmp_path, f"train.steps={steps}", "train.run_name=o", "train.checkpoint_every=100000",
+            "tracking.flush_every_s=0.5", "tracking.flush_timeout_s=120")],
+        cwd=REPO, env=child_env({"MLFLOW_TRACKING_URI": mlflow_server.url}), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics_file = tmp_path / "runs" / "o" / "metrics.jsonl"
+    lines = lambda: len(metrics_file.read_text().splitlines()) if metrics_file.exists() else 0  # noqa: E731
+    deadline = time.time() + 120
+    while lines() < 20 and time.time() < deadline:
+        time.sleep(0.1)
+    mlflow_server.stop()
+    during = lines()
+    time.sleep(5)
+    assert lines() > during  # training went on while the server was down
+    mlflow_server.start()
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "unreachable" in stderr and "server back" in stderr
+    run_id = json.loads(stdout.strip().splitlines()[-1])["mlflow_run_id"]
+    client = MlflowClient(mlflow_server.url)
+    assert steps_of(client, run_id) == list(range(1, steps + 1))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_end_of_run_waits_a_bounded_time_when_the_server_stays_down(mnist_shards, tmp_path, mlflow_server):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", *train_overrides(
+            mnist_shards, tmp_path, "train.steps=200", "train.run_name=d", "tracking.flush_timeout_s=3")],
+        cwd=REPO, env=child_env({"MLFLOW_TRACKING_URI": mlflow_server.url}), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics_file = tmp_path / "runs" / "d" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not metrics_file.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    mlflow_server.stop()
+    stopped = time.time()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]  # training itself succeeded
+    assert "not delivered" in stderr and time.time() - stopped < 60
+    assert len(metrics_file.read_text().splitlines()) == 200  # the local record is complete
