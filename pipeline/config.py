@@ -153,6 +153,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _expects_text(path: list[str]) -> bool:
+    """Whether the field at `path` is a string field: then an override's raw text is kept, so
+    `train.run_name=off` or `tracking.experiment=1e3` stay strings (YAML would make them
+    False and 1000.0)."""
+    model: Any = Config
+    for part in path:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return False
+        model = field.annotation
+    return model in (str, str | None)
+
+
 def _set_dotted(tree: dict, path: list[str], value: Any, origin: str) -> None:
     node = tree
     for i, part in enumerate(path[:-1]):
@@ -208,6 +221,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     overridden: set[tuple[str, ...]] = set()
     for text in overrides:
         keys, value = parse_override(text)
+        if _expects_text(keys) and value is not None and not isinstance(value, str):
+            value = text.split("=", 1)[1].strip()
         _set_dotted(tree, keys, value, "command-line override")
         overridden.add(tuple(keys))
     try:

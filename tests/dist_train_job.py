@@ -14,6 +14,7 @@ import torch.distributed as dist
 from pipeline import engines, losses
 from pipeline.config import load_config
 from pipeline.dist import detect
+from pipeline.tracking import make_tracker
 from pipeline.train import Trainer
 
 parser = argparse.ArgumentParser()
@@ -25,7 +26,9 @@ args = parser.parse_args()
 info = detect("cpu")
 engines.init_distributed(info, 2)
 config = load_config(None, args.overrides)
-trainer = Trainer(config, info, Path(config.train.run_root) / "dist")
+tracker = make_tracker(config.tracking, config.train.run_root, info.is_main)  # rank 0 only
+trainer = Trainer(config, info, Path(config.train.run_root) / "dist", tracker)
+trainer.start_tracking()
 batches = trainer.loader.forever()
 
 
@@ -51,7 +54,9 @@ evidence |= {
     "g": gather(flat(trainer.g_engine.module)), "d": gather(flat(trainer.d_engine.module)),
     "ema": gather(flat(trainer.ema.model)), "losses": gather([(m["loss_D"], m["loss_G"]) for m in history]),
     "world_size": info.world_size, "launcher": info.launcher,
+    "tracker": gather(type(tracker).__name__),
 }  # fmt: skip
+tracker.finish("FINISHED")
 if info.rank == 0:
     with open(args.out, "w") as f:
         json.dump(evidence, f)

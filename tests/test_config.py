@@ -48,6 +48,12 @@ def test_wrong_type_and_range_are_both_reported(tmp_path):
     assert "data.batch_per_rank: Input should be greater than or equal to 1" in message
 
 
+def test_string_fields_keep_override_text_that_yaml_would_convert():
+    config = load_config(None, ["train.run_name=off", "tracking.experiment=1e3", "data.split=2024", "seed=7"])
+    assert (config.train.run_name, config.tracking.experiment, config.data.split) == ("off", "1e3", "2024")
+    assert config.seed == 7  # non-string fields still parse as YAML
+
+
 def test_literal_choices_are_named():
     with pytest.raises(ConfigError, match="data.epoch_remainder: Input should be 'drop' or 'pad'.*command-line"):
         load_config(None, ["data.epoch_remainder=wrap"])

@@ -77,6 +77,11 @@ def test_bad_uri_is_a_clear_error_before_training(mnist_shards, tmp_path):
     assert not (tmp_path / "runs" / "x").exists()  # nothing was started
     result, _ = train(mnist_shards, tmp_path, "tracking.uri=ftp://host/x")
     assert result.returncode == 2 and "unsupported scheme 'ftp'" in result.stderr
+    # tracking can be switched off: then the bad URI is never contacted
+    result, _ = train(mnist_shards, tmp_path, "tracking.uri=http://127.0.0.1:9", "tracking.enabled=false",
+                      "train.steps=1", "train.run_name=off")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
     # MLFLOW_TRACKING_URI wins over the config, as MLflow users expect
     result, _ = train(mnist_shards, tmp_path, "train.run_name=y", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
     assert result.returncode == 2 and "127.0.0.1:9" in result.stderr
