@@ -146,6 +146,16 @@ def _check_safe_to_unpickle(path: Path, rank: int) -> None:
             raise UserError(f"checkpoint file {file} is damaged or holds more than tensors; refused ({exc})") from None
 
 
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run folder (what `latest` names), or None."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if (path / "meta.json").is_file() else None
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, rank: int, world_size: int, keep: int):
         self.root = Path(run_dir) / "checkpoints"
@@ -153,12 +163,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------- paths
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None."""
-        pointer = self.root / LATEST
-        if not pointer.is_file():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if (path / "meta.json").is_file() else None
+        return latest_checkpoint(self.root.parent)
 
     def protected(self) -> set[str]:
         pointer = self.root / BEST

@@ -40,10 +40,6 @@ def init_distributed(info: DistInfo, timeout_minutes: float) -> None:
     )  # fmt: skip
 
 
-def _dtype_name(precision: str) -> str:
-    return {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}[precision]
-
-
 def build_ds_config(config: Config, network: str) -> dict:
     """The DeepSpeed config of one engine ("g" or "d"), from our config or the user's raw JSON."""
     ds = config.deepspeed
@@ -75,7 +71,7 @@ def build_ds_config(config: Config, network: str) -> dict:
         "wall_clock_breakdown": False,
     }
     if ds.precision != "fp32":
-        result["data_types"] = {"buffer_dtype": _dtype_name(ds.precision)}
+        result["data_types"] = {"buffer_dtype": ds.precision}
     return result
 
 

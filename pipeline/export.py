@@ -57,10 +57,9 @@ def _from_checkpoint(folder: Path) -> dict:
 
 def resolve_source(path: str | Path) -> Path:
     """A generator export file, a checkpoint folder, or a run folder (its newest checkpoint)."""
-    path = Path(path)
-    if (path / "checkpoints" / "latest").is_file():
-        path = path / "checkpoints" / (path / "checkpoints" / "latest").read_text().strip()
-    return path
+    from pipeline.checkpoint import latest_checkpoint  # tensors and json only: no DeepSpeed import
+
+    return latest_checkpoint(path) or Path(path)
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict]:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import engines, losses
-from pipeline.checkpoint import Checkpointer
+from pipeline.checkpoint import Checkpointer, latest_checkpoint
 from pipeline.config import Config, config_to_yaml
 from pipeline.data.loader import ShardedLoader
 from pipeline.dist import DistInfo
@@ -346,7 +346,7 @@ def resolve_run(config: Config, config_name: str, resume: str) -> tuple[Path, Pa
     if resume not in ("none", "auto"):
         path = Path(resume)
         if (path / "checkpoints").is_dir():  # a run folder: its newest complete checkpoint
-            path = Checkpointer(path, 0, 1, 1).latest()
+            path = latest_checkpoint(path)
             if path is None:
                 raise UserError(f"--resume {resume}: the run folder holds no complete checkpoint")
         Checkpointer.read_meta(path)
@@ -355,7 +355,7 @@ def resolve_run(config: Config, config_name: str, resume: str) -> tuple[Path, Pa
         raise UserError("--resume auto needs a stable run folder: set train.run_name (slurm/train.sbatch uses the job name)")
     name = train.run_name or f"{config_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     run_dir = Path(train.run_root) / name
-    latest = Checkpointer(run_dir, 0, 1, 1).latest()
+    latest = latest_checkpoint(run_dir)
     if resume == "none" and latest is not None:
         raise UserError(
             f"run folder {run_dir} already holds checkpoints (newest {latest.name}); pass --resume auto to "

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from pipeline.checkpoint import Checkpointer
+from pipeline.checkpoint import latest_checkpoint
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.export import load_generator
@@ -131,7 +131,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint_and_resumes_exactly(mnis
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    latest = Checkpointer(run_dir, 0, 1, 1).latest()
+    latest = latest_checkpoint(run_dir)
     assert latest is not None and latest.name == "step_0000003"  # the save of step 4 never published
 
     resumed = run_cli(*common, "train.run_name=killed", "--resume", "auto", timeout=300)
