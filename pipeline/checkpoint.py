@@ -32,6 +32,7 @@ import platform
 import random
 import shutil
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -82,9 +83,7 @@ def incompatibilities(saved: dict, config: Config, world_size: int) -> list[str]
 
 
 def versions() -> dict:
-    import deepspeed
-
-    return {"pipeline": pipeline.__version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+    return {"pipeline": pipeline.__version__, "torch": torch.__version__, "deepspeed": version("deepspeed"),
             "python": platform.python_version()}  # fmt: skip
 
 

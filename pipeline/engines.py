@@ -17,12 +17,20 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 
-import deepspeed
 import torch
 from torch import nn
+
+# DeepSpeed JIT-compiles its shm comm op into TORCH_EXTENSIONS_DIR. A cache shared by several
+# environments rebuilds it whenever another venv's DeepSpeed sources were used last, and a
+# process killed mid-build leaves a lock file that makes every later load wait forever. One
+# cache per environment (set before deepspeed is imported) avoids both.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+
+import deepspeed  # noqa: E402
 
 from pipeline.config import Config, OptimizerConfig
 from pipeline.dist import DistInfo

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import time
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import psutil
@@ -365,17 +366,12 @@ def resolve_run(config: Config, config_name: str, resume: str) -> tuple[Path, Pa
 
 
 def _versions() -> dict:
-    import deepspeed
-    import webdataset
-
-    versions = {"version.python": platform.python_version(), "version.torch": torch.__version__,
-                "version.deepspeed": deepspeed.__version__, "version.webdataset": webdataset.__version__}  # fmt: skip
-    try:
-        from importlib.metadata import version
-
-        versions["version.mlflow"] = version("mlflow-skinny")
-    except Exception:
-        pass
+    versions = {"version.python": platform.python_version(), "version.torch": torch.__version__}
+    for package in ("deepspeed", "webdataset", "mlflow-skinny"):
+        try:
+            versions[f"version.{package.split('-')[0]}"] = version(package)
+        except PackageNotFoundError:
+            pass
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                                 cwd=Path(__file__).resolve().parent)  # fmt: skip
