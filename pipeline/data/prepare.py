@@ -12,8 +12,11 @@ previous complete dataset or no manifest, never a manifest naming partial shards
 
 from __future__ import annotations
 
+import collections
+import ctypes
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -21,6 +24,7 @@ import shutil
 import signal
 import tarfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,10 +123,17 @@ def _process_chunk(args: tuple[list[Item], Transform]) -> list[tuple]:
     return results
 
 
-def _ignore_interrupts() -> None:
-    """Pool workers leave Ctrl-C / SIGTERM to the parent, which cleans up and stops them."""
+def _worker_init(parent_pid: int) -> None:
+    """Pool workers leave Ctrl-C / SIGTERM to the parent, which cleans up and stops them, and die
+    with it: a parent killed outright (SIGKILL) must not leave workers waiting forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 class _StopFlag:
@@ -264,18 +275,23 @@ def prepare(
     key_width = max(9, len(str(len(source.items))))
     workers = workers or cpu_count()
     started = time.perf_counter()
-    chunks = [(chunk, transform) for chunk in iter_chunks(items, 256)]
+    chunks = iter((chunk, transform) for chunk in iter_chunks(items, 256))
     # Explicit handlers: a background job may inherit SIGINT ignored, and SIGTERM (scheduler
     # kill) should clean up the staging folder like Ctrl-C does.
     stop = _StopFlag()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # A futures pool with a bounded window of chunks in flight, not multiprocessing.Pool:
+    # Pool.terminate() can deadlock when it kills a worker holding the task-queue lock, so an
+    # interrupt could hang; here shutdown only waits for the few chunks already running.
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_worker_init, initargs=(os.getpid(),))  # fmt: skip
     try:
-        # fork start: workers inherit the item list instead of re-listing the source.
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_ignore_interrupts) as pool, tqdm(
-            total=len(items), unit="img", desc="prepare", disable=not progress, mininterval=1.0
-        ) as bar:
-            for results in pool.imap(_process_chunk, chunks):  # ordered: reproducible shard contents
+        with tqdm(total=len(items), unit="img", desc="prepare", disable=not progress, mininterval=1.0) as bar:
+            in_flight = collections.deque(executor.submit(_process_chunk, c) for c in itertools.islice(chunks, 2 * workers))
+            while in_flight:
+                results = in_flight.popleft().result()  # in order: reproducible shard contents
                 stop.check()
+                in_flight.extend(executor.submit(_process_chunk, c) for c in itertools.islice(chunks, 1))
                 for kind, index, a, b in results:
                     if kind == "ok":
                         source_id = source.items[index].source_id
@@ -323,9 +339,11 @@ def prepare(
         }
         _commit(staging, out_dir, manifest)
     except BaseException:
+        executor.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
+        executor.shutdown(wait=True, cancel_futures=True)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return PrepareSummary(count, len(rejects), seconds, splits, str(out_dir))
