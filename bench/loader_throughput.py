@@ -8,7 +8,6 @@ Each side runs one warm-up epoch (page cache, worker start), then `--epochs` tim
 """
 
 import argparse
-import io
 import sys
 import tempfile
 import time

@@ -4,9 +4,7 @@ preemption signal to any one rank checkpoints all of them and asks for a requeue
 import json
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
@@ -14,9 +12,8 @@ import torch
 
 from pipeline.dist import free_port
 from pipeline.errors import EXIT_REQUEUE
-from tests.conftest import REPO, child_env, run, train_overrides
+from tests.conftest import DEEPSPEED, REPO, child_env, run, train_overrides
 
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 
 
 def launch_command(shards, tmp_path, name, steps, *extra):

@@ -14,7 +14,6 @@ import tarfile
 import threading
 from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 

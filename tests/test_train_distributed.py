@@ -2,14 +2,12 @@
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
 from pipeline.dist import free_port
-from tests.conftest import REPO, run, train_overrides
+from tests.conftest import DEEPSPEED, REPO, run, train_overrides
 
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"  # the launcher installed beside this python
 
 
 @pytest.fixture
