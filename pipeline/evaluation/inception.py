@@ -18,6 +18,7 @@ Which ranks run it: every rank that extracts features loads its own copy.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -172,8 +173,20 @@ class InceptionFeatures:
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, enabled=False):
+        with torch.autocast(self.device.type, enabled=False), _no_tf32():
             x = self.preprocess(images.to(self.device))
             if self.device.type == "cpu":
                 x = x.contiguous(memory_format=torch.channels_last)
             return self.model(x).float()
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """True fp32 convolutions: cuDNN uses TF32 (10-bit mantissa) by default on Ampere and
+    newer, which would make GPU features differ from the reference's."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
