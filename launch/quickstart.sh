@@ -9,6 +9,4 @@ bash launch/setup.sh mnist
 if [ ! -f data/mnist32/manifest.json ]; then
     .venv/bin/python -m pipeline prepare mnist data/mnist32 --resolution 32 --channels 1
 fi
-export PATH="$PWD/.venv/bin:$PATH"
-set -x
-deepspeed --num_gpus 2 --module pipeline train --config configs/mnist32.yaml "$@"
+bash launch/single_node.sh --gpus 2 configs/mnist32.yaml "$@"

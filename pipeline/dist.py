@@ -8,6 +8,7 @@ and MASTER_PORT; it reads no SLURM_* variable. `detect()` maps whatever launched
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from dataclasses import dataclass
@@ -19,24 +20,36 @@ from pipeline.errors import UserError
 
 @dataclass(frozen=True)
 class DistInfo:
-    launcher: str  # deepspeed | torchrun | srun | single
+    launcher: str  # deepspeed | torchrun | srun | env | single
     rank: int
     local_rank: int
     world_size: int
     local_world_size: int
     device: torch.device
     backend: str  # nccl on GPU, gloo on CPU
+    node_rank: int = 0
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.local_world_size))
+
     def summary(self) -> str:
-        nodes = max(1, self.world_size // max(1, self.local_world_size))
+        """The one-line topology that rank 0 prints."""
+        devices = (f"cuda x{self.local_world_size} per node" if self.device.type == "cuda" else "cpu")
         return (
-            f"launcher={self.launcher} world_size={self.world_size} nodes={nodes} "
-            f"ranks_per_node={self.local_world_size} backend={self.backend} device={self.device.type}"
+            f"launcher={self.launcher} world_size={self.world_size} nodes={self.nodes} "
+            f"ranks_per_node={self.local_world_size} backend={self.backend} devices={devices} "
+            f"master={os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
         )
+
+    def mapping(self) -> str:
+        """One line per rank: how the launcher's variables were mapped (each rank logs its own)."""
+        return (f"rank {self.rank}/{self.world_size}: node {self.node_rank}, local_rank {self.local_rank}, "
+                f"host {socket.gethostname()}, device {self.device}")  # fmt: skip
 
 
 def free_port() -> int:
@@ -60,11 +73,13 @@ def detect(device: str = "auto") -> DistInfo:
     env = os.environ
     launcher = _launcher(env)
     if launcher == "srun":
+        _check_slurm_layout(env)
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+        env["LOCAL_WORLD_SIZE"] = str(int(env["SLURM_NTASKS"]) // int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1"))))
+        env["NODE_RANK"] = env.get("SLURM_NODEID", "0")
         if "MASTER_ADDR" not in env:
-            raise UserError("srun launch: MASTER_ADDR is not set (slurm/train.sbatch exports it)")
+            raise UserError("srun launch: MASTER_ADDR is not set (slurm/train.sbatch exports the first node's address)")
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
     elif launcher == "single":
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
@@ -76,15 +91,51 @@ def detect(device: str = "auto") -> DistInfo:
         raise UserError(f"launched by {launcher} but {', '.join(missing)} not set")
     rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
     local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world)
+    # deepspeed: CROSS_RANK; torchrun: GROUP_RANK; srun: NODE_RANK set above.
+    node_rank = int(env.get("NODE_RANK") or env.get("CROSS_RANK") or env.get("GROUP_RANK") or rank // max(1, local_world))
+    if rank == 0 and launcher != "torchrun":  # torchrun's agent holds the port itself
+        _check_port_free(env["MASTER_PORT"])
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if not use_cuda and local_world > 1 and "OMP_NUM_THREADS" not in env:
         # CPU ranks sharing a node: one thread pool per rank over all cores oversubscribes them.
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
     if use_cuda and not torch.cuda.is_available():
         raise UserError("train.device is cuda but no CUDA device is visible")
+    if use_cuda and local_world > torch.cuda.device_count():
+        raise UserError(
+            f"{local_world} ranks per node but {torch.cuda.device_count()} CUDA device(s) visible on "
+            f"{socket.gethostname()}: start one rank per GPU (sbatch --gpus-per-node / --ntasks-per-node)"
+        )
     if use_cuda:
         torch.cuda.set_device(local_rank)
     return DistInfo(
         launcher, rank, local_rank, world, local_world,
-        torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"), "nccl" if use_cuda else "gloo",
+        torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"), "nccl" if use_cuda else "gloo", node_rank,
     )  # fmt: skip
+
+
+def _check_slurm_layout(env) -> None:
+    """Before any rendezvous: the allocation must give every node the same number of tasks,
+    and match what the job asked for (PIPELINE_EXPECT_NODES, set by the user or a script)."""
+    tasks, nodes = int(env["SLURM_NTASKS"]), int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    if tasks % nodes:
+        raise UserError(f"Slurm gave {tasks} tasks on {nodes} nodes: use --ntasks-per-node so every node runs the same number")
+    expected = env.get("PIPELINE_EXPECT_NODES")
+    if expected and int(expected) != nodes:
+        raise UserError(f"the job expects {expected} nodes (PIPELINE_EXPECT_NODES) but the allocation has {nodes}")
+
+
+def _check_port_free(port: str) -> None:
+    """Rank 0 hosts the rendezvous store on MASTER_PORT: a port in use is a clear error now,
+    not a hang or a cryptic store error later."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", int(port)))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UserError(
+                    f"MASTER_PORT {port} is already in use on {socket.gethostname()} (another job, or a stale "
+                    "process of an earlier run): free it or set MASTER_PORT to another port"
+                ) from None
+            raise

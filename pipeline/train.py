@@ -428,6 +428,9 @@ def run_training(config: Config, config_name: str, resume: str = "none") -> int:
     from pipeline.dist import detect
 
     info = detect(config.train.device)
+    log.info(info.mapping())
+    if info.is_main:
+        log.info("topology: %s", info.summary())
     engines.init_distributed(info, config.deepspeed.timeout_minutes)
     decision: list = [None]
     tracker = NullTracker()
