@@ -19,6 +19,8 @@ else an embedded sqlite store `sqlite:///<run_root>/mlflow.db` with artifacts in
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import logging
 import math
 import os
@@ -105,6 +107,32 @@ class NullTracker:
     def finish(self, status: str, error: str | None = None) -> None: ...
 
 
+@contextlib.contextmanager
+def _sqlite_setup_lock(uri: str, timeout_s: float = 120.0):
+    """Serialise the creation of an sqlite store and its experiment across processes: the runs
+    of a job array start together on one shared run_root, and MLflow's schema migration and
+    create_experiment race otherwise ("table already exists", "experiment exists")."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri[len("sqlite:///") :]).with_suffix(".setup-lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout_s
+    with open(lock_path, "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise UserError(f"tracking store {uri}: another process held {lock_path} for {timeout_s:.0f} s") from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class MlflowTracker:
     """Rank 0 only. Construction checks that the store answers: a bad URI fails here, before training."""
 
@@ -120,14 +148,17 @@ class MlflowTracker:
         scheme = urlsplit(self.uri).scheme
         if scheme not in ("http", "https", "sqlite", "postgresql", "mysql", "file", "databricks", ""):
             raise UserError(f"tracking.uri {self.shown_uri}: unsupported scheme {scheme!r}")
-        self.client = MlflowClient(tracking_uri=self.uri)
         try:
-            experiment = self.client.get_experiment_by_name(config.experiment)
-            self.experiment_id = (
-                experiment.experiment_id
-                if experiment is not None
-                else self.client.create_experiment(config.experiment, artifact_location=artifact_location)
-            )
+            with _sqlite_setup_lock(self.uri):
+                self.client = MlflowClient(tracking_uri=self.uri)
+                experiment = self.client.get_experiment_by_name(config.experiment)
+                self.experiment_id = (
+                    experiment.experiment_id
+                    if experiment is not None
+                    else self.client.create_experiment(config.experiment, artifact_location=artifact_location)
+                )
+        except UserError:
+            raise
         except Exception as exc:
             raise UserError(
                 f"tracking store {self.shown_uri} did not answer ({type(exc).__name__}: {str(exc)[:300]}). "

@@ -20,7 +20,9 @@ pipeline_setup() {
     [ -n "$MASTER_ADDR" ] || die "could not read NodeAddr of $first from scontrol"
     # One port per job id: two jobs on the same first node do not collide.
     export MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
-    export PIPELINE_EXPECT_NODES="$SLURM_JOB_NUM_NODES"
+    # Set PIPELINE_EXPECT_NODES when submitting to have a job stop at once if the allocation has
+    # another node count (e.g. with --nodes=MIN-MAX); dist.py checks it on every rank.
+    export PIPELINE_EXPECT_NODES="${PIPELINE_EXPECT_NODES:-$SLURM_JOB_NUM_NODES}"
     # NCCL: report errors instead of hanging on a dead peer; WARN logs are short. On clusters
     # with several NICs, set NCCL_SOCKET_IFNAME (e.g. ib0 or eth0) and NCCL_IB_HCA in the
     # environment you submit from; sbatch passes the environment through (--export=ALL).

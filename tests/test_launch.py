@@ -1,0 +1,124 @@
+"""launch/ wrappers over the real launchers: two "nodes" on this machine forming one 4-rank
+job, the errors that must come before training, and a killed rank ending the job in bounded
+time (nothing waits for the wall time)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, child_env, run, run_cli, train_overrides
+from pipeline.dist import free_port
+
+
+def wrapper_env(**extra) -> dict:
+    return child_env({"PYTHON": sys.executable, **{k: str(v) for k, v in extra.items()}})
+
+
+def launch(script: str, *args, env=None, timeout=300) -> subprocess.CompletedProcess:
+    return run(["bash", REPO / "launch" / script, *args], timeout=timeout, env=env or wrapper_env())
+
+
+def test_two_nodes_without_ssh_form_one_four_rank_job(mnist_shards, tmp_path):
+    """Two invocations of the no-ssh wrapper, node ranks 0 and 1, on one machine: the two
+    hostfile names are this machine's two loopback names."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two 'nodes', both this machine\n127.0.0.1 slots=2\nlocalhost slots=2\n")
+    env = wrapper_env(MASTER_PORT=free_port())
+    args = ["configs/mnist32.yaml", *train_overrides(mnist_shards, tmp_path, "train.device=cpu", "train.steps=3",
+            "train.run_name=two-nodes", "eval.fid_every=0")]  # fmt: skip
+    nodes = [subprocess.Popen(["bash", REPO / "launch/multi_node_no_ssh.sh", "--hostfile", hostfile, "--node-rank",
+                               str(rank), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env, cwd=REPO) for rank in (0, 1)]  # fmt: skip
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-4000:]
+    assert "+ " in outputs[0] and "--no_ssh --node_rank 0" in outputs[0]  # the exact command, printed
+    assert "topology: launcher=deepspeed world_size=4 nodes=2 ranks_per_node=2" in outputs[0]
+    for rank in (0, 1):
+        assert f"rank {rank}/4: node 0, local_rank {rank}" in outputs[0]
+    for rank in (2, 3):
+        assert f"rank {rank}/4: node 1, local_rank {rank - 2}" in outputs[1]
+    assert (tmp_path / "runs/two-nodes/checkpoints/latest").read_text().strip() == "step_0000003"
+
+
+def test_wrapper_errors_come_before_any_launch(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("a slots=8\nb slots=8\n")
+    cases = [
+        (["multi_node.sh", "--hostfile", tmp_path / "missing", "configs/mnist32.yaml"], "hostfile not found"),
+        (["multi_node.sh", "--hostfile", hostfile, "--nodes", "3", "configs/mnist32.yaml"],
+         "--nodes 3 but hostfile"),
+        (["multi_node.sh", "configs/mnist32.yaml"], "--hostfile FILE is required"),
+        (["multi_node_no_ssh.sh", "--hostfile", hostfile, "--node-rank", "2", "configs/mnist32.yaml"],
+         "--node-rank 2 but hostfile"),
+        (["multi_node_no_ssh.sh", "--hostfile", hostfile, "configs/mnist32.yaml"], "--node-rank R is required"),
+        (["torchrun.sh", "--nodes", "2", "--node-rank", "1", "configs/mnist32.yaml"], "set MASTER_PORT"),
+        (["single_node.sh", "--gpus", "2", "configs/nope.yaml"], "config not found: configs/nope.yaml"),
+    ]  # fmt: skip
+    for args, message in cases:
+        result = launch(*args, timeout=30)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+
+
+def test_port_in_use_is_a_clear_error_before_training(mnist_shards, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli("train", *train_overrides(mnist_shards, tmp_path, "train.steps=1"),
+                         env={"MASTER_PORT": str(port), "MASTER_ADDR": "127.0.0.1"})  # fmt: skip
+    assert result.returncode == 2
+    assert f"MASTER_PORT {port} is already in use" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def _rank_process(launcher_pid: int, local_rank: int, timeout_s: float = 120) -> psutil.Process:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for child in psutil.Process(launcher_pid).children(recursive=True):
+            try:
+                if child.environ().get("LOCAL_RANK") == str(local_rank) and "pipeline" in " ".join(child.cmdline()):
+                    return child
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"no rank process with LOCAL_RANK={local_rank}")
+
+
+@pytest.mark.parametrize("script, names_the_rank", [
+    ("single_node.sh", "--local_rank=1"),   # deepspeed launcher: "<cmd ... --local_rank=1 ...> exits with return code = -9"
+    ("torchrun.sh", "local_rank: 1"),       # torchrun's failure summary
+])  # fmt: skip
+def test_a_killed_rank_ends_the_job_within_the_bound(mnist_shards, tmp_path, script, names_the_rank):
+    args = ["--gpus", "2", "configs/mnist32.yaml",
+            *train_overrides(mnist_shards, tmp_path, "train.device=cpu", "train.steps=100000", "eval.fid_every=0")]  # fmt: skip
+    launcher = subprocess.Popen(["bash", REPO / "launch" / script, *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=wrapper_env(), cwd=REPO,
+                                start_new_session=True)  # fmt: skip
+    try:
+        metrics = None
+        deadline = time.monotonic() + 240
+        while metrics is None or len(metrics.read_text().splitlines()) < 2:
+            assert launcher.poll() is None, launcher.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "training never started"
+            metrics = next(Path(tmp_path / "runs").glob("*/metrics.jsonl"), None) if (tmp_path / "runs").exists() else None
+            time.sleep(0.3)
+        victim = _rank_process(launcher.pid, 1)
+        killed = time.monotonic()
+        victim.send_signal(signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=90)
+        elapsed = time.monotonic() - killed
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode != 0
+    assert elapsed < 60, f"the job took {elapsed:.0f} s to end after a rank died"
+    assert names_the_rank in output, output[-4000:]
+    print(f"{script}: job ended {elapsed:.1f} s after SIGKILL of local rank 1, exit {launcher.returncode}")

@@ -1,0 +1,198 @@
+"""slurm/ scripts on a real Slurm cluster started here (slurm/local_cluster.sh: slurmctld and
+two slurmd nodes on this machine), 2 nodes x 2 CPU tasks: rank mapping, completion,
+checkpoint and MLflow run; then preemption: signal, checkpoint, requeue, resume, and the
+same final weights as the uninterrupted run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, child_env, train_overrides
+from pipeline.dist import free_port
+
+STEPS = 30
+
+
+def _free_port_block() -> int:
+    """A port p with p, p+1, p+2 free (slurmctld and the two slurmd)."""
+    for _ in range(50):
+        base = free_port()
+        if base < 65000 and all(_is_free(base + i) for i in (1, 2)):
+            return base
+    raise RuntimeError("no block of 3 free ports")
+
+
+def _is_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if not shutil.which("slurmctld") and os.geteuid() != 0:
+        pytest.skip("Slurm is not installed and this is not root (tests/run.sh installs it as root, as CI does)")
+    state = tmp_path_factory.mktemp("slurm")
+    env = child_env({"PIPELINE_SLURM_DIR": str(state / "cluster"), "PIPELINE_SLURM_PORT": str(_free_port_block())})
+    started = subprocess.run(["bash", REPO / "slurm/local_cluster.sh", "start"], capture_output=True, text=True,
+                             timeout=900, env=env)  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    env["SLURM_CONF"] = str(state / "cluster/slurm.conf")
+    yield env
+    subprocess.run(["bash", REPO / "slurm/local_cluster.sh", "stop"], capture_output=True, timeout=60, env=env)
+
+
+def sbatch(cluster, cwd, *args, env=None) -> str:
+    env = {**cluster, "PYTHON": sys.executable, "PIPELINE_ROOT": str(REPO), **(env or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(["sbatch", "--parsable", *map(str, args)], capture_output=True, text=True, timeout=30,
+                          env=env, cwd=cwd)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().split(";")[0]
+
+
+def job_state(cluster, job: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=10, env=cluster)
+    return dict(f.split("=", 1) for f in out.stdout.split() if "=" in f)
+
+
+def wait_job(cluster, job: str, timeout_s: float) -> dict:
+    """Poll until the job ends (bounded: a job that cannot start would pend forever)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = job_state(cluster, job)
+        if state.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return state
+        time.sleep(1)
+    subprocess.run(["scancel", job], timeout=10, env=cluster)
+    raise AssertionError(f"job {job} did not end within {timeout_s} s: {job_state(cluster, job)}")
+
+
+def overrides(mnist_shards, tmp_path):
+    return ["configs/mnist32.yaml", *train_overrides(mnist_shards, tmp_path, "train.device=cpu", f"train.steps={STEPS}",
+            "train.checkpoint_every=10", "eval.fid_every=0")]  # fmt: skip
+
+
+def mlflow_run(run_root: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0]
+
+
+@pytest.fixture(scope="module")
+def straight(cluster, mnist_shards, tmp_path_factory):
+    """An uninterrupted 2-node x 2-task run."""
+    tmp = tmp_path_factory.mktemp("straight")
+    job = sbatch(cluster, tmp, "--nodes", 2, "--ntasks-per-node", 2, REPO / "slurm/train.sbatch", *overrides(mnist_shards, tmp))
+    state = wait_job(cluster, job, 300)
+    log = (tmp / f"dcgan-{job}.log").read_text()
+    assert state["JobState"] == "COMPLETED", log[-4000:]
+    return tmp, job, log
+
+
+def test_sbatch_two_nodes_maps_ranks_trains_checkpoints_and_tracks(straight):
+    tmp, job, log = straight
+    for rank in range(4):  # srun --label prefixes each line with the task id
+        assert f"{rank}: " in log and f"rank {rank}/4: node {rank // 2}, local_rank {rank % 2}" in log
+    assert "topology: launcher=srun world_size=4 nodes=2 ranks_per_node=2 backend=gloo" in log
+    assert "master 127.0.0.1:" in log  # the first node's NodeAddr, not its name n1
+    run_dir = tmp / "runs" / f"dcgan-{job}"
+    assert (run_dir / "checkpoints/latest").read_text().strip() == f"step_{STEPS:07d}"
+    client, run = mlflow_run(tmp / "runs")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["world_size"] == "4" and run.data.params["nodes"] == "2"
+    assert run.data.params["launcher"] == "srun"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_D")] == list(range(1, STEPS + 1))
+
+
+def test_preempted_job_checkpoints_requeues_resumes_and_matches_the_straight_run(cluster, straight, mnist_shards, tmp_path):
+    """The time-limit path: SIGUSR1 to every task (what --signal=USR1@180 sends), then the
+    script requeues; the requeued job resumes the same run folder and MLflow run."""
+    timeline = {"submit": time.monotonic()}
+    job = sbatch(cluster, tmp_path, "--nodes", 2, "--ntasks-per-node", 2, REPO / "slurm/train.sbatch",
+                 *overrides(mnist_shards, tmp_path))  # fmt: skip
+    metrics = tmp_path / "runs" / f"dcgan-{job}" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert time.monotonic() < deadline, f"job {job} made no progress: {job_state(cluster, job)}"
+        time.sleep(0.2)
+    timeline["signal"] = time.monotonic()
+    subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=10, env=cluster)
+    while job_state(cluster, job).get("Restarts", "0") == "0":
+        assert time.monotonic() < deadline + 60, f"job {job} was not requeued: {job_state(cluster, job)}"
+        time.sleep(0.5)
+    timeline["requeued"] = time.monotonic()
+    state = wait_job(cluster, job, 300)
+    timeline["finished"] = time.monotonic()
+    log = (tmp_path / f"dcgan-{job}.log").read_text()
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-4000:]
+
+    stopped_at = int(log.split("preemption signal at step ")[1].split(":")[0])
+    assert 5 <= stopped_at < STEPS
+    assert log.count("Exited with exit code 75") == 4  # every task checkpointed and asked for a requeue
+    assert f"requeueing job {job}" in log and f"job {job} (restart 1)" in log
+    assert f"resumed from {tmp_path}/runs/dcgan-{job}/checkpoints/step_{stopped_at:07d} at step {stopped_at}" in log
+    assert "training exited 0" in log
+
+    # Same final weights as the uninterrupted run: G (EMA export) and the D engine.
+    straight_dir = straight[0] / "runs" / f"dcgan-{straight[1]}"
+    run_dir = tmp_path / "runs" / f"dcgan-{job}"
+    for relative in ("generator.pt", f"checkpoints/step_{STEPS:07d}/ema.pt",
+                     f"checkpoints/step_{STEPS:07d}/d/engine/mp_rank_00_model_states.pt"):  # fmt: skip
+        a = torch.load(straight_dir / relative, map_location="cpu", weights_only=False)
+        b = torch.load(run_dir / relative, map_location="cpu", weights_only=False)
+        state_a = a.get("state_dict") or a.get("module") or a.get("model")
+        state_b = b.get("state_dict") or b.get("module") or b.get("model")
+        assert state_a.keys() == state_b.keys()
+        for key in state_a:
+            assert torch.equal(state_a[key], state_b[key]), f"{relative}: {key} differs"
+
+    client, run = mlflow_run(tmp_path / "runs")  # one run, continued after the requeue
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_D")] == list(range(1, STEPS + 1))
+    start = timeline["submit"]
+    print("slurm timeline (s after submit):", json.dumps({k: round(v - start, 1) for k, v in timeline.items()}),
+          f"signal at step {stopped_at}")  # fmt: skip
+
+
+@pytest.mark.parametrize("layout, env, message", [
+    (["--nodes", 2, "--ntasks", 3, "--ntasks-per-node", 2], {}, "Slurm gave 3 tasks on 2 nodes: use --ntasks-per-node"),
+    (["--nodes", 2, "--ntasks-per-node", 1], {"PIPELINE_EXPECT_NODES": "3"},
+     "the job expects 3 nodes (PIPELINE_EXPECT_NODES) but the allocation has 2"),
+])  # fmt: skip
+def test_a_wrong_allocation_fails_before_training(cluster, mnist_shards, tmp_path, layout, env, message):
+    job = sbatch(cluster, tmp_path, *layout, REPO / "slurm/train.sbatch", *overrides(mnist_shards, tmp_path), env=env)
+    state = wait_job(cluster, job, 180)
+    log = (tmp_path / f"dcgan-{job}.log").read_text()
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "0", log[-3000:]
+    assert message in log
+    assert not (tmp_path / "runs").exists()  # stopped before any rendezvous or run folder
+
+
+def test_sweep_array_runs_one_training_per_line(cluster, mnist_shards, tmp_path):
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# two runs\nseed=1 train.steps=2\n\nseed=2 train.steps=3\n")
+    args = ["configs/mnist32.yaml", str(sweep), *train_overrides(mnist_shards, tmp_path, "train.device=cpu", "eval.fid_every=0")]
+    job = sbatch(cluster, tmp_path, "--array=0-1", "--nodes", 1, "--ntasks-per-node", 1, REPO / "slurm/sweep.sbatch", *args)
+    for task, steps in ((0, 2), (1, 3)):
+        state = wait_job(cluster, f"{job}_{task}", 300)
+        log = (tmp_path / f"dcgan-sweep-{job}_{task}.log").read_text()
+        assert state["JobState"] == "COMPLETED", log[-3000:]
+        assert f"array task {task} overrides: seed={task + 1} train.steps={steps}" in log
+        latest = tmp_path / "runs" / f"dcgan-sweep-{job}_{task}" / "checkpoints/latest"
+        assert latest.read_text().strip() == f"step_{steps:07d}"
