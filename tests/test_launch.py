@@ -32,7 +32,7 @@ def test_two_nodes_without_ssh_form_one_four_rank_job(mnist_shards, tmp_path):
     hostfile.write_text("# two 'nodes', both this machine\n127.0.0.1 slots=2\nlocalhost slots=2\n")
     env = wrapper_env(MASTER_PORT=free_port())
     args = ["configs/mnist32.yaml", *train_overrides(mnist_shards, tmp_path, "train.device=cpu", "train.steps=3",
-            "train.run_name=two-nodes", "eval.fid_every=0")]  # fmt: skip
+            "train.run_name=two-nodes")]  # fmt: skip
     nodes = [subprocess.Popen(["bash", REPO / "launch/multi_node_no_ssh.sh", "--hostfile", hostfile, "--node-rank",
                                str(rank), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=env, cwd=REPO) for rank in (0, 1)]  # fmt: skip
@@ -98,7 +98,7 @@ def _rank_process(launcher_pid: int, local_rank: int, timeout_s: float = 120) ->
 ])  # fmt: skip
 def test_a_killed_rank_ends_the_job_within_the_bound(mnist_shards, tmp_path, script, names_the_rank):
     args = ["--gpus", "2", "configs/mnist32.yaml",
-            *train_overrides(mnist_shards, tmp_path, "train.device=cpu", "train.steps=100000", "eval.fid_every=0")]  # fmt: skip
+            *train_overrides(mnist_shards, tmp_path, "train.device=cpu", "train.steps=100000")]  # fmt: skip
     launcher = subprocess.Popen(["bash", REPO / "launch" / script, *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=wrapper_env(), cwd=REPO,
                                 start_new_session=True)  # fmt: skip

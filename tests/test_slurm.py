@@ -82,7 +82,7 @@ def wait_job(cluster, job: str, timeout_s: float) -> dict:
 
 def overrides(mnist_shards, tmp_path):
     return ["configs/mnist32.yaml", *train_overrides(mnist_shards, tmp_path, "train.device=cpu", f"train.steps={STEPS}",
-            "train.checkpoint_every=10", "eval.fid_every=0")]  # fmt: skip
+            "train.checkpoint_every=10")]  # fmt: skip
 
 
 def mlflow_run(run_root: Path):
@@ -187,7 +187,7 @@ def test_a_wrong_allocation_fails_before_training(cluster, mnist_shards, tmp_pat
 def test_sweep_array_runs_one_training_per_line(cluster, mnist_shards, tmp_path):
     sweep = tmp_path / "sweep.txt"
     sweep.write_text("# two runs\nseed=1 train.steps=2\n\nseed=2 train.steps=3\n")
-    args = ["configs/mnist32.yaml", str(sweep), *train_overrides(mnist_shards, tmp_path, "train.device=cpu", "eval.fid_every=0")]
+    args = ["configs/mnist32.yaml", str(sweep), *train_overrides(mnist_shards, tmp_path, "train.device=cpu")]
     job = sbatch(cluster, tmp_path, "--array=0-1", "--nodes", 1, "--ntasks-per-node", 1, REPO / "slurm/sweep.sbatch", *args)
     for task, steps in ((0, 2), (1, 3)):
         state = wait_job(cluster, f"{job}_{task}", 300)
