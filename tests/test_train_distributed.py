@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,9 +47,10 @@ def test_two_ranks_identical_gradients_and_weights(warm_ops, mnist_shards, tmp_p
 def test_torchrun_and_deepspeed_module_cli_give_identical_runs(warm_ops, mnist_shards, tmp_path):
     """The CLI under `torchrun -m pipeline` and under `deepspeed --module pipeline` (the README's
     main job), same seed and world size: identical per-step losses, launcher to launcher."""
+    port = free_port()
     launchers = {
         "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"],
-        "deepspeed": [DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), "--module"],
+        "deepspeed": [DEEPSPEED, "--num_gpus", "2", "--master_port", port, "--module"],
     }
     losses = []
     for name, launcher in launchers.items():
@@ -60,3 +62,5 @@ def test_torchrun_and_deepspeed_module_cli_give_identical_runs(warm_ops, mnist_s
         assert f"launcher={name} world_size=2" in (tmp_path / "runs" / name / "train.log").read_text()
         losses.append([(r["loss_D"], r["loss_G"]) for r in records])
     assert len(losses[0]) == 3 and losses[0] == losses[1]
+    # DeepSpeed's CPU shm all-reduce segments are gone after the run (it never unlinks them itself).
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
