@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 import pipeline
 from pipeline.config import Config
+from pipeline.data.manifest import write_bytes_atomic
 from pipeline.errors import UserError
 
 LATEST, BEST = "latest", "best"
@@ -125,12 +126,7 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes_atomic(path, text.encode())
 
 
 def _check_safe_to_unpickle(path: Path, rank: int) -> None:

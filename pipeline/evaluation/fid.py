@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.data.loader import decode_image
-from pipeline.data.manifest import write_json_atomic
+from pipeline.data.manifest import write_bytes_atomic, write_json_atomic
 from pipeline.data.shards import iter_samples, resolve_shards
 from pipeline.errors import UserError
 from pipeline.evaluation.inception import PROTOCOL, InceptionFeatures
@@ -223,12 +222,7 @@ def _write_cache(npz_path: Path, meta_path: Path, key: str, stats: SetStats) -> 
         buffer = io.BytesIO()
         np.savez(buffer, mu=stats.mu, sigma=stats.sigma, kid_features=stats.kid_features.numpy())
         raw = buffer.getvalue()
-        tmp = npz_path.with_name(f".{npz_path.name}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, npz_path)
+        write_bytes_atomic(npz_path, raw)
         write_json_atomic(meta_path, {"key": key, "n": stats.n, "describe": stats.describe, "protocol": PROTOCOL,
                                       "npz_sha256": hashlib.sha256(raw).hexdigest(), "created_unix": int(time.time())})  # fmt: skip
     except OSError as exc:  # a read-only dataset folder: the statistics still serve this run
