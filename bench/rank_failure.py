@@ -1,0 +1,93 @@
+"""How fast a job ends after one rank dies: SIGKILL of local rank 1 of a 2-rank CPU run under
+launch/single_node.sh (the deepspeed launcher) and launch/torchrun.sh.
+
+    python bench/rank_failure.py [--repeats 3]
+
+Figures: seconds from the kill to the launcher's exit, per launcher (median of the repeats).
+Baseline: the deepspeed launcher, run in the same session; the ratio is torchrun / deepspeed.
+For scale, a job whose launcher did not notice would wait for the collective timeout
+(deepspeed.timeout_minutes, 30 min by default). tests/test_launch.py checks the deepspeed
+launcher against a 60 s bound; this measures both.
+"""
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import report  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHERS = {"deepspeed": "single_node.sh", "torchrun": "torchrun.sh"}
+
+
+def rank_process(launcher_pid: int, local_rank: int, timeout_s: float = 120) -> psutil.Process:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for child in psutil.Process(launcher_pid).children(recursive=True):
+            try:
+                if child.environ().get("LOCAL_RANK") == str(local_rank) and "pipeline" in " ".join(child.cmdline()):
+                    return child
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    raise RuntimeError(f"no rank process with LOCAL_RANK={local_rank} after {timeout_s} s")
+
+
+def seconds_to_end(script: str, shards: Path, run_root: Path) -> float:
+    """Start a long 2-rank run, kill local rank 1 once training has logged 2 steps, and time the
+    launcher's exit (bounded at 300 s: past that the job is reported as hung)."""
+    args = ["--gpus", "2", "configs/mnist32.yaml", f"data.shards={shards}", "data.batch_per_rank=16",
+            "model.g_width=16", "model.d_width=16", f"train.run_root={run_root}", "train.progress=false",
+            "train.log_every=1", "train.steps=100000", "train.device=cpu", "eval.fid_every=0",
+            "tracking.enabled=false"]  # fmt: skip
+    env = {**os.environ, "PYTHON": sys.executable}
+    launcher = subprocess.Popen(["bash", REPO / "launch" / script, *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not any(len(m.read_text().splitlines()) >= 2 for m in run_root.glob("*/metrics.jsonl")):
+            if launcher.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{script}: training never started (exit {launcher.poll()})")
+            time.sleep(0.3)
+        victim = rank_process(launcher.pid, 1)
+        killed = time.monotonic()
+        victim.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=300)
+        return time.monotonic() - killed
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    from pipeline.data.prepare import Transform, prepare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp) / "mnist32"
+        prepare("mnist", shards, Transform(32, 1), samples_per_shard=128, limit=512, workers=1, progress=False)
+        seconds = {name: [] for name in LAUNCHERS}
+        for repeat in range(args.repeats):
+            for name, script in LAUNCHERS.items():
+                seconds[name].append(seconds_to_end(script, shards, Path(tmp) / f"runs-{name}-{repeat}"))
+                print(f"[{repeat + 1}/{args.repeats}] {name}: job ended {seconds[name][-1]:.1f} s after the kill",
+                      flush=True)  # fmt: skip
+    median = {name: round(statistics.median(s), 2) for name, s in seconds.items()}
+    report("rank_failure", {"torchrun_seconds_to_end": median["torchrun"], "repeats": args.repeats},
+           {"deepspeed_seconds_to_end": median["deepspeed"]}, median["torchrun"] / median["deepspeed"],
+           collective_timeout_s=30 * 60)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
