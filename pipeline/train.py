@@ -284,7 +284,7 @@ class Trainer:
                                        "fid.reference": json.dumps(self.fid.reference.describe),
                                        "fid.protocol": json.dumps(self.fid.extractor.protocol)})  # fmt: skip
         metrics: dict = {}
-        with self._recorder() as record:
+        with self._recorder() as record, contextlib.closing(batches):  # closing: loader workers stop on any exit
             while self.global_step < train.steps:
                 metrics = self.train_step(batches)
                 self._check_finite(metrics)

@@ -10,11 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
-import pytest
-
 from conftest import REPO, child_env, run, run_cli, train_overrides
 from pipeline.dist import free_port
+
+sys.path.insert(0, str(REPO / "bench"))
+from rank_failure import rank_process  # noqa: E402  (one copy: the benchmark measures what the test bounds)
 
 
 def wrapper_env(**extra) -> dict:
@@ -79,26 +79,15 @@ def test_port_in_use_is_a_clear_error_before_training(mnist_shards, tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def _rank_process(launcher_pid: int, local_rank: int, timeout_s: float = 120) -> psutil.Process:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for child in psutil.Process(launcher_pid).children(recursive=True):
-            try:
-                if child.environ().get("LOCAL_RANK") == str(local_rank) and "pipeline" in " ".join(child.cmdline()):
-                    return child
-            except psutil.Error:
-                continue
-        time.sleep(0.2)
-    raise AssertionError(f"no rank process with LOCAL_RANK={local_rank}")
-
-
-@pytest.mark.parametrize("script, names_the_rank", [
-    ("single_node.sh", "--local_rank=1"),   # deepspeed launcher: "<cmd ... --local_rank=1 ...> exits with return code = -9"
-    ("torchrun.sh", "local_rank: 1"),       # torchrun's failure summary
-])  # fmt: skip
-def test_a_killed_rank_ends_the_job_within_the_bound(mnist_shards, tmp_path, script, names_the_rank):
+def test_a_killed_rank_ends_the_job_within_the_bound(mnist_shards, tmp_path):
+    """SIGKILL of local rank 1 under launch/single_node.sh (the deepspeed launcher), with a loader
+    worker per rank as in configs/mnist32.yaml. The launcher SIGTERMs the other rank and
+    SIGKILLs it 30 s later if it is still there: rank 0 must exit by itself well before that.
+    (It used not to: its SIGTERM-ignoring loader worker kept it in an unbounded join at exit.)
+    bench/rank_failure.py measures this for the deepspeed launcher and torchrun."""
+    script = "single_node.sh"
     args = ["--gpus", "2", "configs/mnist32.yaml",
-            *train_overrides(mnist_shards, tmp_path, "train.device=cpu", "train.steps=100000")]  # fmt: skip
+            *train_overrides(mnist_shards, tmp_path, "train.device=cpu", "train.steps=100000", "data.workers=1")]  # fmt: skip
     launcher = subprocess.Popen(["bash", REPO / "launch" / script, *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=wrapper_env(), cwd=REPO,
                                 start_new_session=True)  # fmt: skip
@@ -110,7 +99,7 @@ def test_a_killed_rank_ends_the_job_within_the_bound(mnist_shards, tmp_path, scr
             assert time.monotonic() < deadline, "training never started"
             metrics = next(Path(tmp_path / "runs").glob("*/metrics.jsonl"), None) if (tmp_path / "runs").exists() else None
             time.sleep(0.3)
-        victim = _rank_process(launcher.pid, 1)
+        victim = rank_process(launcher.pid, 1)
         killed = time.monotonic()
         victim.send_signal(signal.SIGKILL)
         output, _ = launcher.communicate(timeout=90)
@@ -119,6 +108,7 @@ def test_a_killed_rank_ends_the_job_within_the_bound(mnist_shards, tmp_path, scr
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)
     assert launcher.returncode != 0
-    assert elapsed < 60, f"the job took {elapsed:.0f} s to end after a rank died"
-    assert names_the_rank in output, output[-4000:]
+    assert elapsed < 25, f"the job took {elapsed:.0f} s to end after a rank died: the launcher had to SIGKILL a rank"
+    # the deepspeed launcher names the dead rank: "<cmd ... --local_rank=1 ...> exits with return code = -9"
+    assert "--local_rank=1" in output and "return code = -9" in output, output[-4000:]
     print(f"{script}: job ended {elapsed:.1f} s after SIGKILL of local rank 1, exit {launcher.returncode}")

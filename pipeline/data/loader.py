@@ -282,11 +282,20 @@ class ShardedLoader:
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=_worker_init,
         )
-        for batch in loader:
-            self.batches_consumed += 1
-            self.corrupt_samples += batch.n_corrupt
-            images = batch.images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-            yield batch._replace(images=images)
+        batches = iter(loader)
+        try:
+            for batch in batches:
+                self.batches_consumed += 1
+                self.corrupt_samples += batch.n_corrupt
+                images = batch.images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+                yield batch._replace(images=images)
+        finally:
+            # Stop the workers here on every exit path, including an exception or close() of the
+            # caller's generator: at interpreter exit DataLoader skips its own shutdown and
+            # multiprocessing joins daemonic workers without a bound, and ours ignore SIGTERM
+            # (_worker_init). A rank whose peer died then sat in that join until the launcher's
+            # SIGKILL 30 s later. Dropping the last reference runs the iterator's shutdown now.
+            del batches
         if self.batches_consumed >= len(self):
             self.epoch += 1
             self.batches_consumed = 0
