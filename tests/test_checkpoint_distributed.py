@@ -49,7 +49,7 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
 
 
 def test_signal_to_one_rank_checkpoints_all_and_requeues(dist_single, mnist_shards, tmp_path):
-    steps = 40
+    steps = 30
     extra = ("model.g_width=64", "model.d_width=64", "train.checkpoint_every=1000",
              "deepspeed.gradient_accumulation=2", "data.workers=2")  # fmt: skip
     run_dir = tmp_path / "runs" / "pre"

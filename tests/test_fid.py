@@ -257,8 +257,8 @@ def test_reference_larger_than_the_dataset_is_a_clear_error(extractor, mnist_sha
 
 
 # --------------------------------------------------------- training and `eval`
-FID_STEPS = ["eval.fid_every=2", "eval.n_generated=20", "eval.n_reference=24", "eval.batch_size=8",
-             "eval.kid_subsets=4", "eval.kid_subset_size=10"]  # fmt: skip
+FID_STEPS = ["eval.fid_every=2", "eval.n_generated=12", "eval.n_reference=16", "eval.batch_size=8",
+             "eval.kid_subsets=4", "eval.kid_subset_size=8"]  # fmt: skip
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as torchrun sets it: the same float arithmetic in every run
 
 
@@ -277,7 +277,7 @@ def test_training_logs_fid_and_keeps_the_best_checkpoint(fid_run):
 
     records = [json.loads(line) for line in (fid_run / "fid/fid.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
-    assert all(r["n_generated"] == 20 and r["n_reference"] == 24 and r["fid"] > 0 for r in records)
+    assert all(r["n_generated"] == 12 and r["n_reference"] == 16 and r["fid"] > 0 for r in records)
     best = min(records, key=lambda r: r["fid"])
     checkpoints = fid_run / "fid/checkpoints"
     assert (checkpoints / "best").read_text().split() == [best["checkpoint"]]
@@ -291,7 +291,7 @@ def test_training_logs_fid_and_keeps_the_best_checkpoint(fid_run):
     assert len(client.get_metric_history(run_id, "kid")) == 2
     tags = client.get_run(run_id).data.tags
     assert json.loads(tags["fid.protocol"])["weights_sha256"] == inception.WEIGHTS_SHA256
-    assert tags["fid.n_reference"] == "24" and tags["best_fid_step"] == str(best["step"])
+    assert tags["fid.n_reference"] == "16" and tags["best_fid_step"] == str(best["step"])
 
 
 def test_standalone_eval_matches_training_on_one_and_two_ranks(fid_run):
@@ -299,7 +299,7 @@ def test_standalone_eval_matches_training_on_one_and_two_ranks(fid_run):
     in one process and on 2 torchrun ranks (each generating its share)."""
     logged = [json.loads(line) for line in (fid_run / "fid/fid.jsonl").read_text().splitlines()][-1]
     checkpoint = fid_run / "fid/checkpoints/step_0000004"
-    args = ["eval", "--checkpoint", checkpoint, "--n-gen", "20", "train.progress=false"]
+    args = ["eval", "--checkpoint", checkpoint, "--n-gen", "12", "train.progress=false"]
     single = run_cli(*args, timeout=300, env=ONE_THREAD)
     assert single.returncode == 0, single.stderr[-3000:]
     assert "from cache" in single.stderr  # the reference statistics of the training run
@@ -310,7 +310,7 @@ def test_standalone_eval_matches_training_on_one_and_two_ranks(fid_run):
                  "pipeline", *args], timeout=300)  # fmt: skip
     assert multi.returncode == 0, multi.stderr[-3000:]
     two = json.loads(multi.stdout.strip().splitlines()[-1])
-    assert two["world_size"] == 2 and two["n_generated"] == 20
+    assert two["world_size"] == 2 and two["n_generated"] == 12
     assert two["fid"] == pytest.approx(one["fid"], rel=1e-6) and two["kid"] == pytest.approx(one["kid"], rel=1e-6)
 
 
