@@ -125,10 +125,6 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
-
-
 def _check_safe_to_unpickle(path: Path, rank: int) -> None:
     """DeepSpeed's loader calls torch.load(weights_only=False), which can run code from a crafted
     file. Open this rank's engine files with weights_only=True first: a file holding anything
@@ -166,7 +162,7 @@ class Checkpointer:
 
     def mark_best(self, path: Path) -> None:
         """Rank 0: keep `path` out of pruning (the FID issue marks its best checkpoint)."""
-        _write_text_atomic(self.root / BEST, path.name + "\n")
+        write_bytes_atomic(self.root / BEST, f"{path.name}\n".encode())
 
     # -------------------------------------------------------------------- save
     def save(self, trainer, client_extra: dict | None = None) -> Path:
@@ -201,7 +197,7 @@ class Checkpointer:
         if self.rank == 0:
             _fsync_tree(tmp)
             os.replace(tmp, final)
-            _write_text_atomic(self.root / LATEST, name + "\n")
+            write_bytes_atomic(self.root / LATEST, f"{name}\n".encode())
             self._prune()
         dist.barrier()
         trainer.last_checkpoint_seconds = time.perf_counter() - started
