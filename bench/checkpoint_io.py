@@ -1,7 +1,8 @@
 """Checkpoint save/load time and size for the 64x64 DCGAN pair (fp32, Adam states) on CPU.
 
-Ours: Checkpointer.save (both DeepSpeed engines, EMA, per-rank client state, fsync, atomic
-publish) and Checkpointer.load (with the weights_only safety pass) into a fresh Trainer.
+Ours: Trainer.save_checkpoint (both DeepSpeed engines, their plain fp32 weight files, EMA,
+per-rank trainer state, fsync, atomic publish) and Trainer.resume (with the weights_only
+safety pass) into a fresh Trainer.
 Baseline, same process: plain torch.save / torch.load of G, D, EMA and both Adam state dicts.
 
     python bench/checkpoint_io.py [--repeats 3]
@@ -53,16 +54,16 @@ def main():
         for i in range(args.repeats):
             trainer.global_step = i + 1
             started = time.perf_counter()
-            path = trainer.checkpointer.save(trainer)
+            path = trainer.save_checkpoint()
             save_s.append(time.perf_counter() - started)
             fresh = Trainer(config, info, tmp / "runs" / "bench")
             started = time.perf_counter()
-            fresh.checkpointer.load(fresh, path)
+            fresh.resume(path)
             load_s.append(time.perf_counter() - started)
 
             state = {"G": trainer.g_engine.module.state_dict(), "D": trainer.d_engine.module.state_dict(),
-                     "EMA": trainer.ema.state_dict(), "optG": trainer.g_engine.optimizer.state_dict(),
-                     "optD": trainer.d_engine.optimizer.state_dict()}  # fmt: skip
+                     "EMA": trainer.ema.state_dict(), "optG": trainer.g_engine.engine.optimizer.state_dict(),
+                     "optD": trainer.d_engine.engine.optimizer.state_dict()}  # fmt: skip
             baseline = tmp / f"plain_{i}.pt"
             started = time.perf_counter()
             torch.save(state, baseline)

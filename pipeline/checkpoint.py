@@ -6,13 +6,17 @@ Layout of one run's checkpoints:
         latest                  -> text: the name of the newest complete checkpoint
         best                    -> text: names protected from pruning (one per line)
         step_0000500/
-            meta.json           step, config + hash, world size, versions (rank 0)
-            g/engine/...        G's DeepSpeed engine: weights, Adam, loss scaler, counters
-            d/engine/...        D's engine, in its own folder: DeepSpeed's tags and `latest`
-                                file would collide if both engines shared one
+            meta.json           step, epoch, config + hash, world size, versions (rank 0)
+            g/, d/              each engine's state (weights, optimizer, loss scaler,
+                                counters) in its own folder, written by pipeline.engines
+            g_weights.pt        G's weights as a plain fp32 state dict (rank 0): what
+            d_weights.pt        `sample`, `export` and `eval` read, with torch alone
             ema.pt              the EMA generator (rank 0)
-            client/rank_00000.pt  per rank: step RNGs (python, numpy, torch, CUDA, the
-                                step generator), loader position, counters
+            client/rank_00000.pt  per rank: the trainer's state (step, loader position,
+                                every random stream, counters)
+
+The Checkpointer knows this layout and the atomic protocol, not the trainer: it is handed
+the parts to save (`CheckpointParts`), each of which saves and loads its own state.
 
 Atomicity: a checkpoint is written into `step_N.tmp/`; after every rank has written its
 part (barrier), rank 0 fsyncs the files, renames the folder to `step_N/` and then
@@ -20,7 +24,7 @@ replaces `latest` (write + rename). A kill at any moment leaves `latest` naming 
 checkpoint; half-written `.tmp` folders are removed by the next save.
 
 Which ranks run it: every rank calls `save` and `load` (DeepSpeed requires it); rank 0
-alone writes meta.json, ema.pt and the pointers.
+alone writes meta.json, the weight files, the shared parts and the pointers.
 """
 
 from __future__ import annotations
@@ -28,33 +32,63 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
-import random
 import shutil
 import time
-from importlib.metadata import version
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-import pipeline
 from pipeline.config import Config
-from pipeline.data.manifest import write_bytes_atomic
 from pipeline.errors import UserError
+from pipeline.files import load_tensors, write_bytes_atomic
+from pipeline.versions import versions
 
 LATEST, BEST = "latest", "best"
-ENGINE_TAG = "engine"
 META_FORMAT = "gan-pipeline-checkpoint/1"
 # Config keys that must match for an exact resume: they shape the models, the optimizer
 # state, the data plan or the random streams. Everything else (steps, intervals, run
 # folder, tracking, progress) may change between runs.
 MUST_MATCH = (
-    "seed", "model", "loss", "train.g_optim", "train.d_optim", "train.ema", "train.ema_decay",
-    "data.batch_per_rank", "data.shuffle", "data.shuffle_window", "data.epoch_remainder",
-    "deepspeed.precision", "deepspeed.zero_stage", "deepspeed.gradient_accumulation",
-)  # fmt: skip
+    "seed",
+    "model",
+    "loss",
+    "train.g_optim",
+    "train.d_optim",
+    "train.ema",
+    "train.ema_decay",
+    "data.batch_per_rank",
+    "data.shuffle",
+    "data.shuffle_window",
+    "data.epoch_remainder",
+    "deepspeed.precision",
+    "deepspeed.zero_stage",
+    "deepspeed.gradient_accumulation",
+)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class EngineState(Protocol):
+    """A network in its engine (pipeline.engines.Engine)."""
+
+    def save(self, folder: Path) -> None: ...
+    def load(self, folder: Path) -> None: ...
+    def save_weights(self, path: Path) -> None: ...
+
+
+@dataclass
+class CheckpointParts:
+    """What a checkpoint holds, as the objects that save and load it."""
+
+    engines: dict[str, EngineState]  # every rank saves/loads NAME/; rank 0 also writes NAME_weights.pt
+    rank_state: Stateful  # this rank's own state: client/rank_NNNNN.pt
+    shared: dict[str, Stateful] = field(default_factory=dict)  # the same on every rank: rank 0 writes NAME.pt
 
 
 def config_hash(config: Config) -> str:
@@ -83,36 +117,6 @@ def incompatibilities(saved: dict, config: Config, world_size: int) -> list[str]
     return problems
 
 
-def versions() -> dict:
-    return {"pipeline": pipeline.__version__, "torch": torch.__version__, "deepspeed": version("deepspeed"),
-            "python": platform.python_version()}  # fmt: skip
-
-
-def rng_state(step_generator: torch.Generator) -> dict:
-    """Every random stream of this rank, as tensors and plain values (loadable with weights_only)."""
-    np_kind, np_keys, np_pos, np_gauss, np_cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": np_pos,
-                  "has_gauss": np_gauss, "cached_gaussian": np_cached},  # fmt: skip
-        "torch": torch.get_rng_state(),
-        "step_generator": step_generator.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict, step_generator: torch.Generator) -> None:
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    step_generator.set_state(state["step_generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
@@ -125,18 +129,6 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
-def _check_safe_to_unpickle(path: Path, rank: int) -> None:
-    """DeepSpeed's loader calls torch.load(weights_only=False), which can run code from a crafted
-    file. Open this rank's engine files with weights_only=True first: a file holding anything
-    but tensors and plain containers is refused before DeepSpeed touches it."""
-    files = [*path.glob("[gd]/*/*model_states.pt"), *path.glob(f"[gd]/*/*zero_pp_rank_{rank}_*.pt")]
-    for file in sorted(files):
-        try:
-            torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UserError(f"checkpoint file {file} is damaged or holds more than tensors; refused ({exc})") from None
-
-
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint of a run folder (what `latest` names), or None."""
     root = Path(run_dir) / "checkpoints"
@@ -147,10 +139,45 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if (path / "meta.json").is_file() else None
 
 
+def read_meta(path: str | Path) -> dict:
+    try:
+        meta = json.loads((Path(path) / "meta.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is not a complete checkpoint (no meta.json)") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}/meta.json is damaged ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise UserError(f"{path}: not a gan-pipeline checkpoint")
+    return meta
+
+
+def weights_file(path: Path, network: str) -> Path:
+    return Path(path) / f"{network}_weights.pt"
+
+
+def generator_state(path: str | Path) -> tuple[dict, bool, dict]:
+    """(G's fp32 state dict, whether it is the EMA's, meta) of a checkpoint, read with torch
+    alone: the EMA generator when the run kept one, else G's weights file."""
+    path = Path(path)
+    meta = read_meta(path)
+    if (path / "ema.pt").is_file():
+        return load_tensors(path / "ema.pt", "EMA file")["model"], True, meta
+    weights = weights_file(path, "g")
+    if not weights.is_file():
+        # Only checkpoints of runs without EMA that predate the weight files lack both.
+        raise UserError(
+            f"checkpoint {path} has neither ema.pt nor {weights.name}, so it cannot be read without DeepSpeed: "
+            f"continue its run (`train --resume {path}`) and use a checkpoint written after that"
+        )
+    return load_tensors(weights, "generator weights"), False, meta
+
+
 class Checkpointer:
-    def __init__(self, run_dir: Path, rank: int, world_size: int, keep: int):
+    def __init__(self, run_dir: Path, config: Config, rank: int, world_size: int):
         self.root = Path(run_dir) / "checkpoints"
-        self.rank, self.world_size, self.keep = rank, world_size, keep
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.keep = config.train.keep_checkpoints
+        self.last_save_seconds = 0.0
 
     # ------------------------------------------------------------------- paths
     def latest(self) -> Path | None:
@@ -161,13 +188,14 @@ class Checkpointer:
         return set(pointer.read_text().split()) if pointer.is_file() else set()
 
     def mark_best(self, path: Path) -> None:
-        """Rank 0: keep `path` out of pruning (the FID issue marks its best checkpoint)."""
+        """Rank 0: keep `path` out of pruning (the checkpoint with the lowest FID so far)."""
         write_bytes_atomic(self.root / BEST, f"{path.name}\n".encode())
 
     # -------------------------------------------------------------------- save
-    def save(self, trainer, client_extra: dict | None = None) -> Path:
-        """All ranks. Writes step_N.tmp, then rank 0 publishes it as step_N and moves `latest`."""
-        name = f"step_{trainer.global_step:07d}"
+    def save(self, step: int, parts: CheckpointParts, meta: dict[str, Any]) -> Path:
+        """All ranks. Writes step_N.tmp, then rank 0 publishes it as step_N and moves `latest`.
+        `meta` (rank 0's) joins meta.json: what a resume reads before loading any part."""
+        name = f"step_{step:07d}"
         final, tmp = self.root / name, self.root / f"{name}.tmp"
         if self.rank == 0:
             for stale in self.root.glob("*.tmp"):  # a save that was killed midway
@@ -176,22 +204,24 @@ class Checkpointer:
             (tmp / "client").mkdir(parents=True)
         dist.barrier()
         started = time.perf_counter()
-        trainer.g_engine.save_checkpoint(str(tmp / "g"), tag=ENGINE_TAG, save_latest=False)
-        trainer.d_engine.save_checkpoint(str(tmp / "d"), tag=ENGINE_TAG, save_latest=False)
-        client = {
-            "rank": self.rank, "global_step": trainer.global_step, "nonfinite_streak": trainer.nonfinite_streak,
-            "loader": trainer.loader.state_dict(), "rng": rng_state(trainer.rng), **(client_extra or {}),
-        }  # fmt: skip
-        torch.save(client, tmp / "client" / f"rank_{self.rank:05d}.pt")
+        for network, engine in parts.engines.items():
+            engine.save(tmp / network)
+        torch.save(parts.rank_state.state_dict(), tmp / "client" / f"rank_{self.rank:05d}.pt")
         if self.rank == 0:
-            if trainer.ema is not None:
-                torch.save(trainer.ema.state_dict(), tmp / "ema.pt")
+            for network, engine in parts.engines.items():
+                engine.save_weights(weights_file(tmp, network))
+            for part_name, part in parts.shared.items():
+                torch.save(part.state_dict(), tmp / f"{part_name}.pt")
             meta = {
-                "format": META_FORMAT, "step": trainer.global_step, "epoch": trainer.loader.epoch,
-                "world_size": self.world_size, "config": trainer.config.model_dump(mode="json"),
-                "config_hash": config_hash(trainer.config), "versions": versions(),
-                "created_unix": int(time.time()), **(client_extra or {}),
-            }  # fmt: skip
+                "format": META_FORMAT,
+                "step": step,
+                "world_size": self.world_size,
+                "config": self.config.model_dump(mode="json"),
+                "config_hash": config_hash(self.config),
+                "versions": versions(),
+                "created_unix": int(time.time()),
+                **meta,
+            }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         dist.barrier()  # every rank's files are written
         if self.rank == 0:
@@ -200,7 +230,7 @@ class Checkpointer:
             write_bytes_atomic(self.root / LATEST, f"{name}\n".encode())
             self._prune()
         dist.barrier()
-        trainer.last_checkpoint_seconds = time.perf_counter() - started
+        self.last_save_seconds = time.perf_counter() - started
         return final
 
     def _prune(self) -> None:
@@ -212,38 +242,20 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
     # -------------------------------------------------------------------- load
-    @staticmethod
-    def read_meta(path: Path) -> dict:
-        try:
-            meta = json.loads((Path(path) / "meta.json").read_text())
-        except FileNotFoundError:
-            raise UserError(f"{path} is not a complete checkpoint (no meta.json)") from None
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}/meta.json is damaged ({exc})") from None
-        if meta.get("format") != META_FORMAT:
-            raise UserError(f"{path}: not a gan-pipeline checkpoint")
-        return meta
-
-    def load(self, trainer, path: Path) -> dict:
-        """All ranks. Restores engines, EMA, RNGs, loader position and counters; returns meta."""
+    def load(self, path: Path, parts: CheckpointParts) -> dict:
+        """All ranks. Checks that the checkpoint fits this job, then loads every part; returns meta."""
         path = Path(path)
-        meta = self.read_meta(path)
-        problems = incompatibilities(meta, trainer.config, self.world_size)
+        meta = read_meta(path)
+        problems = incompatibilities(meta, self.config, self.world_size)
         if problems:
             raise UserError(f"checkpoint {path} does not fit this job:\n  " + "\n  ".join(problems))
-        client_path = path / "client" / f"rank_{self.rank:05d}.pt"
-        if not client_path.is_file():
+        rank_file = path / "client" / f"rank_{self.rank:05d}.pt"
+        if not rank_file.is_file():
             raise UserError(f"checkpoint {path} has no state for rank {self.rank}")
-        client = torch.load(client_path, map_location="cpu", weights_only=True)  # our file: tensors and plain values
-        _check_safe_to_unpickle(path, self.rank)
-        for network, engine in (("g", trainer.g_engine), ("d", trainer.d_engine)):
-            loaded, _ = engine.load_checkpoint(str(path / network), tag=ENGINE_TAG)
-            if loaded is None:
-                raise UserError(f"checkpoint {path}: the {network.upper()} engine state did not load")
-        if trainer.ema is not None:
-            trainer.ema.load_state_dict(torch.load(path / "ema.pt", map_location=trainer.device, weights_only=True))
-        trainer.global_step = client["global_step"]
-        trainer.nonfinite_streak = client["nonfinite_streak"]
-        trainer.loader.load_state_dict(client["loader"])
-        set_rng_state(client["rng"], trainer.rng)
+        rank_state = load_tensors(rank_file, "checkpoint file")
+        for network, engine in parts.engines.items():
+            engine.load(path / network)
+        for part_name, part in parts.shared.items():
+            part.load_state_dict(load_tensors(path / f"{part_name}.pt", "checkpoint file"))
+        parts.rank_state.load_state_dict(rank_state)
         return meta

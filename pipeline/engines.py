@@ -1,9 +1,9 @@
-"""The one place that imports DeepSpeed: process group, per-network configs and engines.
+"""The one place that imports DeepSpeed or knows its files: process group, configs, engines.
 
 Which ranks run it: every rank, with the same arguments (DeepSpeed's initialize is a
 collective: it broadcasts rank 0's parameters).
 
-Traps handled here (deepspeed 0.19.8; see shared notes/DEEPSPEED.md):
+Traps handled here (deepspeed 0.19.8; numbers are deepspeedai/DeepSpeed issues and PRs):
 - each engine gets its own config dict (shared dicts mix lr/betas: #1975);
 - gradient_clipping is always written explicitly: it defaults to 1.0 since 0.19.3 (#8068);
 - fp16/bf16 cast only parameters since 0.19.2 (#8066), leaving BatchNorm running stats in
@@ -15,6 +15,7 @@ Traps handled here (deepspeed 0.19.8; see shared notes/DEEPSPEED.md):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -35,9 +36,13 @@ import deepspeed  # noqa: E402
 from pipeline.config import Config, OptimizerConfig
 from pipeline.dist import DistInfo
 from pipeline.errors import UserError
+from pipeline.files import load_tensors
 
 # DeepSpeed logs every config key at INFO on every rank; keep its warnings.
 os.environ.setdefault("DS_LOG_LEVEL", "warning")
+# Each engine saves into a folder of its own, under this tag: DeepSpeed's default tag
+# (global_step{N}) and `latest` file would collide if G and D shared one.
+ENGINE_TAG = "engine"
 
 
 def init_distributed(info: DistInfo, timeout_minutes: float) -> None:
@@ -122,47 +127,115 @@ def _checked_raw(raw: dict, config: Config, network: str, path: str) -> dict:
     return raw
 
 
-def build_engine(model: nn.Module, config: Config, network: str, ds_config: dict):
-    """All ranks. Returns the DeepSpeed engine wrapping `model` with its own Adam."""
-    optim: OptimizerConfig = config.train.g_optim if network == "g" else config.train.d_optim
-    optimizer = None
-    if "optimizer" not in ds_config:
-        optimizer = torch.optim.Adam(
-            model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
-        )
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    return engine
+class Engine:
+    """One network in its own DeepSpeed engine: how the trainer runs, updates and saves it.
+
+    Which ranks: built on every rank with the same arguments (initialize is a collective: it
+    broadcasts rank 0's parameters). backward, step, save and load run on every rank;
+    save_weights on rank 0.
+
+    Two ways forward: calling the Engine goes through DeepSpeed (its hooks reduce this
+    network's gradients in backward); `module` is the raw network, for a forward whose
+    backward belongs to the other engine (see Trainer.g_step)."""
+
+    def __init__(self, name: str, model: nn.Module, config: Config):
+        self.name = name
+        self.ds_config = build_ds_config(config, name)
+        optim: OptimizerConfig = config.train.g_optim if name == "g" else config.train.d_optim
+        optimizer = None
+        if "optimizer" not in self.ds_config:  # a user's raw JSON may bring its own
+            optimizer = torch.optim.Adam(
+                model.parameters(), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+            )
+        # The DeepSpeed engine. Pipeline code goes through the methods below; tests and
+        # benchmarks may look inside.
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
+
+    # ----------------------------------------------------------------- running
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.engine(x)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> float | None:
+        """The optimizer step, returning the global gradient norm of the update (None between
+        gradient-accumulation boundaries).
+
+        DeepSpeed measures the norm for fp16 and ZeRO optimizers; with a plain fp32 optimizer
+        at stage 0 it does not, but the all-reduced grads sit in param.grad until step() clears them."""
+        engine = self.engine
+        boundary = engine.is_gradient_accumulation_boundary()
+        norm = None
+        if boundary and engine.zero_optimization_stage() == 0 and not engine.fp16_enabled():
+            grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+            norm = float(torch.stack(grads).norm()) if grads else None
+        engine.step()
+        if boundary and engine.get_global_grad_norm() is not None:
+            norm = float(engine.get_global_grad_norm())
+        return norm if boundary else None
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """No gradients for this network's parameters inside the block: the other network's
+        backward must not touch them (ZeRO-2 refuses a gradient computed twice: #4923)."""
+        self.module.requires_grad_(False)
+        try:
+            yield
+        finally:
+            self.module.requires_grad_(True)
+
+    # ------------------------------------------------------------------ figures
+    @property
+    def loss_scale(self) -> float | None:
+        """The current dynamic loss scale (engine.loss_scale() returns the config value instead)."""
+        if not self.engine.fp16_enabled():
+            return None
+        return float(getattr(self.engine.optimizer, "loss_scale", 0.0) or 0.0)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Updates skipped after an fp16 overflow."""
+        return int(self.engine.skipped_steps)
+
+    @property
+    def learning_rate(self) -> float:
+        return float(self.engine.optimizer.param_groups[0]["lr"])
+
+    # -------------------------------------------------------------------- state
+    def save(self, folder: Path) -> None:
+        """All ranks: weights, optimizer, loss scaler and counters into `folder` (each rank
+        writes its ZeRO partition). DeepSpeed's own layout, tagged ENGINE_TAG; no `latest`
+        file: the checkpointer names the checkpoint."""
+        self.engine.save_checkpoint(str(folder), tag=ENGINE_TAG, save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        """All ranks: the state `save` wrote. DeepSpeed unpickles its files with
+        weights_only=False, which can run code from a crafted file, so every file it will
+        open for this rank is first loaded with weights_only=True: anything but tensors and
+        plain values is refused before DeepSpeed touches it."""
+        for file in state_files(folder, torch.distributed.get_rank()):
+            load_tensors(file, f"{self.name.upper()} engine file")
+        loaded, _ = self.engine.load_checkpoint(str(folder), tag=ENGINE_TAG)
+        if loaded is None:
+            raise UserError(f"checkpoint {folder.parent}: the {self.name.upper()} engine state did not load")
+
+    def save_weights(self, path: Path) -> None:
+        """Rank 0: this network's weights as a plain fp32 state dict, readable with torch alone.
+        At ZeRO stages 0-2 every rank holds the full parameters (fp16/bf16 ones are cast up)."""
+        torch.save({k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}, path)
 
 
-def step(engine) -> float | None:
-    """engine.step(), returning the global gradient norm of the update (None between boundaries).
-
-    DeepSpeed measures the norm for fp16 and ZeRO optimizers; with a plain fp32 optimizer
-    at stage 0 it does not, but the all-reduced grads sit in param.grad until step() clears them."""
-    boundary = engine.is_gradient_accumulation_boundary()
-    norm = None
-    if boundary and engine.zero_optimization_stage() == 0 and not engine.fp16_enabled():
-        grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-        norm = float(torch.stack(grads).norm()) if grads else None
-    engine.step()
-    if boundary and engine.get_global_grad_norm() is not None:
-        norm = float(engine.get_global_grad_norm())
-    return norm if boundary else None
-
-
-def loss_scale(engine) -> float | None:
-    """The current dynamic loss scale (engine.loss_scale() returns the config value instead)."""
-    if not engine.fp16_enabled():
-        return None
-    return float(getattr(engine.optimizer, "loss_scale", 0.0) or 0.0)
-
-
-def skipped_steps(engine) -> int:
-    return int(engine.skipped_steps)
-
-
-def learning_rate(engine) -> float:
-    return float(engine.optimizer.param_groups[0]["lr"])
+def state_files(folder: Path, rank: int) -> list[Path]:
+    """The files of `folder` that DeepSpeed's load_checkpoint unpickles on `rank`: the model
+    states (mp_rank_00_model_states.pt) and, with ZeRO, this rank's optimizer partition
+    (zero_pp_rank_{rank}_mp_rank_00_optim_states.pt)."""
+    tag = Path(folder) / ENGINE_TAG
+    return sorted([*tag.glob("*model_states.pt"), *tag.glob(f"zero_pp_rank_{rank}_*.pt")])
 
 
 def compute_dtype(config: Config) -> torch.dtype:

@@ -15,12 +15,9 @@ import contextlib
 import json
 import logging
 import math
-import platform
 import signal
-import subprocess
 import time
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import psutil
@@ -29,7 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import engines, losses
-from pipeline.checkpoint import Checkpointer, latest_checkpoint
+from pipeline.checkpoint import CheckpointParts, Checkpointer, latest_checkpoint, read_meta
 from pipeline.config import Config, config_to_yaml
 from pipeline.data.loader import ShardedLoader
 from pipeline.dist import DistInfo
@@ -38,7 +35,9 @@ from pipeline.errors import EXIT_REQUEUE, Preempted, UserError
 from pipeline.export import generate, save_generator
 from pipeline.images import save_grid
 from pipeline.models.dcgan import Discriminator, Generator
+from pipeline.random_state import rng_state, set_rng_state
 from pipeline.tracking import NullTracker, flatten, make_tracker
+from pipeline.versions import versions
 
 log = logging.getLogger("pipeline.train")
 GENERATOR_EXPORT = "generator.pt"
@@ -76,18 +75,26 @@ class PreemptionFlag:
 
 
 class Trainer:
+    """Everything one training run holds, built once; `train()` runs the steps.
+
+    Building a Trainer has no process-wide effects: it seeds no global random stream,
+    installs no signal handler (train() does) and adds no log handler (run_training's
+    run_log does)."""
+
     def __init__(self, config: Config, info: DistInfo, run_dir: Path, tracker=None):
         self.config, self.info, self.device = config, info, info.device
         self.dtype = engines.compute_dtype(config)
-        torch.manual_seed(config.seed)  # same init on every rank (initialize also broadcasts rank 0's)
         self.loader = ShardedLoader(config.data, config.seed, info.rank, info.world_size)
         self._check_data_matches_model()
         model = config.model
-        generator = Generator(model.resolution, model.channels, model.latent_dim, model.g_width)
-        discriminator = Discriminator(model.resolution, model.channels, model.d_width, model.d_norm)
-        self.ds_configs = {net: engines.build_ds_config(config, net) for net in ("g", "d")}
-        self.g_engine = engines.build_engine(generator, config, "g", self.ds_configs["g"])
-        self.d_engine = engines.build_engine(discriminator, config, "d", self.ds_configs["d"])
+        # The same initial weights on every rank, from config.seed (initialize also broadcasts
+        # rank 0's). fork_rng: the seed applies to building the networks, not to the process.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            generator = Generator(model.resolution, model.channels, model.latent_dim, model.g_width)
+            discriminator = Discriminator(model.resolution, model.channels, model.d_width, model.d_norm)
+        self.g_engine = engines.Engine("g", generator, config)
+        self.d_engine = engines.Engine("d", discriminator, config)
         self.ema = EMA(self.g_engine.module, config.train.ema_decay) if config.train.ema else None
         # All randomness of a step comes from this per-rank generator: resumable, and distinct per rank.
         self.rng = torch.Generator(self.device).manual_seed(config.seed * 1_000_003 + info.rank + 1)
@@ -95,14 +102,41 @@ class Trainer:
         self.fixed_z = torch.randn(config.train.sample_count, model.latent_dim, generator=fixed).to(self.device)
         self.global_step = 0
         self.nonfinite_streak = 0
-        self.last_checkpoint_seconds = 0.0
         self.preemption = PreemptionFlag()
         self.run_dir = Path(run_dir)
         self.tracker = tracker or NullTracker()
-        self.checkpointer = Checkpointer(self.run_dir, info.rank, info.world_size, config.train.keep_checkpoints)
-        self.fid = None  # FidEvaluator, built by train() when eval.fid_every > 0
+        self.checkpointer = Checkpointer(self.run_dir, config, info.rank, info.world_size)
+        self.checkpoint_parts = CheckpointParts(
+            engines={"g": self.g_engine, "d": self.d_engine},
+            rank_state=self,
+            shared={"ema": self.ema} if self.ema is not None else {},
+        )
+        self.fid = None  # FidEvaluator: loads Inception and the reference statistics, only when FID is on
+        if config.eval.fid_every:
+            from pipeline.evaluation.fid import FidEvaluator
+
+            self.fid = FidEvaluator(config, self.device, config.train.progress)
         self.best_fid: tuple[float, int] | None = None  # (fid, step), rank 0
         self._prepare_run_dir()
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """This rank's state for an exact resume, beside the engines and the EMA (the
+        checkpointer saves those as parts of their own). The best FID is not here: it is
+        read back from fid.jsonl, which also holds the evaluation of the checkpoint's own
+        step (run after the save)."""
+        return {
+            "global_step": self.global_step,
+            "nonfinite_streak": self.nonfinite_streak,
+            "loader": self.loader.state_dict(),
+            "rng": rng_state(self.rng),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.global_step = state["global_step"]
+        self.nonfinite_streak = state["nonfinite_streak"]
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"], self.rng)
 
     # ----------------------------------------------------------------- set-up
     def _check_data_matches_model(self) -> None:
@@ -115,16 +149,12 @@ class Trainer:
             )
 
     def _prepare_run_dir(self) -> None:
-        """Rank 0 writes the run folder's set-up files and opens the log file."""
-        run_dir = self.run_dir
+        """Rank 0 writes the run folder's set-up files."""
         if self.info.is_main:
-            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.yaml").write_text(config_to_yaml(self.config))
-            for net, ds_config in self.ds_configs.items():
-                (run_dir / f"ds_config_{net}.json").write_text(json.dumps(ds_config, indent=2))
-            handler = logging.FileHandler(run_dir / "train.log")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            logging.getLogger("pipeline").addHandler(handler)
+            (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(self.config))
+            for engine in (self.g_engine, self.d_engine):
+                (self.run_dir / f"ds_config_{engine.name}.json").write_text(json.dumps(engine.ds_config, indent=2))
 
     def latents(self, n: int) -> torch.Tensor:
         z = torch.randn(n, self.config.model.latent_dim, generator=self.rng, device=self.device)
@@ -143,7 +173,7 @@ class Trainer:
             gp = losses.gradient_penalty(self.d_engine.module, real, fake, self.rng)
             loss = loss + self.config.loss.gp_weight * gp.float()
         self.d_engine.backward(loss)
-        norm = engines.step(self.d_engine)
+        norm = self.d_engine.step()
         return {"loss_D": loss.item(), "D_x": losses.d_confidence(kind, d_real),
                 "D_G_z": losses.d_confidence(kind, d_fake), "grad_norm_D": norm}  # fmt: skip
 
@@ -152,14 +182,11 @@ class Trainer:
 
         Calling the D *engine* here would fire its backward hook inside g_engine.backward
         (DeepSpeed #7665), and unfrozen D params get gradients twice at ZeRO-2 (#4923)."""
-        self.d_engine.module.requires_grad_(False)
-        try:
+        with self.d_engine.frozen():
             fake = self.g_engine(self.latents(batch_size))
             loss = losses.g_loss(self.config.loss.kind, self.d_engine.module(fake).float())
             self.g_engine.backward(loss)
-            norm = engines.step(self.g_engine)
-        finally:
-            self.d_engine.module.requires_grad_(True)
+            norm = self.g_engine.step()
         return {"loss_G": loss.item(), "grad_norm_G": norm}
 
     def train_step(self, batches) -> dict:
@@ -196,9 +223,9 @@ class Trainer:
         metrics["grad_norm_D"] = next((r["grad_norm_D"] for r in reversed(d_records) if r["grad_norm_D"] is not None), None)
         metrics["grad_norm_G"] = next((r["grad_norm_G"] for r in reversed(g_records) if r["grad_norm_G"] is not None), None)
         for net, engine in (("D", self.d_engine), ("G", self.g_engine)):
-            metrics[f"loss_scale_{net}"] = engines.loss_scale(engine)
-            metrics[f"skipped_steps_{net}"] = engines.skipped_steps(engine)
-            metrics[f"lr_{net}"] = engines.learning_rate(engine)
+            metrics[f"loss_scale_{net}"] = engine.loss_scale
+            metrics[f"skipped_steps_{net}"] = engine.skipped_steps
+            metrics[f"lr_{net}"] = engine.learning_rate
         metrics["corrupt_samples"] = self.loader.corrupt_samples
         metrics["rss_mb"] = psutil.Process().memory_info().rss / 2**20
         if self.device.type == "cuda":
@@ -220,7 +247,7 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def resume(self, path: Path) -> dict:
         """All ranks: continue from a checkpoint; rank 0 drops metrics logged after it."""
-        meta = self.checkpointer.load(self, path)
+        meta = self.checkpointer.load(path, self.checkpoint_parts)
         if self.info.is_main:
             log.info("resumed from %s at step %d (epoch %d)", path, self.global_step, meta["epoch"])
             self._truncate_log(self.run_dir / "metrics.jsonl")
@@ -244,15 +271,22 @@ class Trainer:
         tracking = self.config.tracking
         tags = {"run_dir": str(self.run_dir.resolve()), "launcher": self.info.launcher, **tracking.tags}
         self.tracker.start(tracking.run_name or self.run_dir.name, run_id=run_id, tags=tags)
+        if self.fid is not None:
+            self.tracker.set_tags({"fid.n_reference": self.fid.reference.n,
+                                   "fid.reference": json.dumps(self.fid.reference.describe),
+                                   "fid.protocol": json.dumps(self.fid.extractor.protocol)})  # fmt: skip
         if run_id:
             self.tracker.set_tags({"resumed_at_step": self.global_step})
             return
         manifest = self.loader.manifest or {}
+        found = versions()
+        commit = found.pop("git_commit", None)
         params = {
             **flatten(self.config.model_dump(mode="json"), "config."),
-            **flatten(self.ds_configs["g"], "ds_g."), **flatten(self.ds_configs["d"], "ds_d."),
-            "world_size": self.info.world_size, "nodes": max(1, self.info.world_size // self.info.local_world_size),
-            "device": self.device.type, "launcher": self.info.launcher, **_versions(),
+            **flatten(self.g_engine.ds_config, "ds_g."), **flatten(self.d_engine.ds_config, "ds_d."),
+            "world_size": self.info.world_size, "nodes": self.info.nodes,
+            "device": self.device.type, "launcher": self.info.launcher,
+            **{f"version.{k}": v for k, v in found.items()}, **({"git_commit": commit} if commit else {}),
             "data.count": manifest.get("count"), "data.resolution": manifest.get("resolution"),
             "data.channels": manifest.get("channels"), "data.manifest_sha256": manifest.get("_hash"),
         }  # fmt: skip
@@ -261,9 +295,10 @@ class Trainer:
             self.tracker.log_artifact(self.run_dir / name, "config")
 
     def save_checkpoint(self) -> Path:
-        path = self.checkpointer.save(self, {"tracking_run_id": self.tracker.run_id})
+        meta = {"epoch": self.loader.epoch, "tracking_run_id": self.tracker.run_id}
+        path = self.checkpointer.save(self.global_step, self.checkpoint_parts, meta)
         if self.info.is_main:
-            log.info("checkpoint %s (%.1f s)", path, self.last_checkpoint_seconds)
+            log.info("checkpoint %s (%.1f s)", path, self.checkpointer.last_save_seconds)
             self.tracker.set_tags({"checkpoint.latest": str(path.resolve()), "checkpoint.step": self.global_step})
         return path
 
@@ -275,14 +310,6 @@ class Trainer:
             log.info("run folder %s; %s", self.run_dir, self.info.summary())
         batches = self.loader.forever()
         self.preemption.install()
-        if self.config.eval.fid_every:
-            from pipeline.evaluation.fid import FidEvaluator  # loads Inception: only when FID is on
-
-            self.fid = FidEvaluator(self.config, self.device, train.progress)
-            if self.info.is_main:
-                self.tracker.set_tags({"fid.n_reference": self.fid.reference.n,
-                                       "fid.reference": json.dumps(self.fid.reference.describe),
-                                       "fid.protocol": json.dumps(self.fid.extractor.protocol)})  # fmt: skip
         metrics: dict = {}
         with self._recorder() as record, contextlib.closing(batches):  # closing: loader workers stop on any exit
             while self.global_step < train.steps:
@@ -390,7 +417,7 @@ def resolve_run(config: Config, config_name: str, resume: str) -> tuple[Path, Pa
             path = latest_checkpoint(path)
             if path is None:
                 raise UserError(f"--resume {resume}: the run folder holds no complete checkpoint")
-        Checkpointer.read_meta(path)
+        read_meta(path)
         return path.parent.parent, path
     if resume == "auto" and not train.run_name:
         raise UserError("--resume auto needs a stable run folder: set train.run_name (slurm/train.sbatch uses the job name)")
@@ -405,21 +432,22 @@ def resolve_run(config: Config, config_name: str, resume: str) -> tuple[Path, Pa
     return run_dir, latest
 
 
-def _versions() -> dict:
-    versions = {"version.python": platform.python_version(), "version.torch": torch.__version__}
-    for package in ("deepspeed", "webdataset", "mlflow-skinny"):
-        try:
-            versions[f"version.{package.split('-')[0]}"] = version(package)
-        except PackageNotFoundError:
-            pass
+@contextlib.contextmanager
+def run_log(run_dir: Path, is_main: bool):
+    """Rank 0: the `pipeline` loggers also write to RUN/train.log while the block runs."""
+    if not is_main:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("pipeline")
+    logger.addHandler(handler)
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent)  # fmt: skip
-        if commit.returncode == 0:
-            versions["git_commit"] = commit.stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    return versions
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def run_training(config: Config, config_name: str, resume: str = "none") -> int:
@@ -444,18 +472,19 @@ def run_training(config: Config, config_name: str, resume: str = "none") -> int:
     if isinstance(decision[0], UserError):
         raise decision[0]
     run_dir, checkpoint = decision[0]
-    trainer = Trainer(config, info, run_dir, tracker)
-    meta = trainer.resume(checkpoint) if checkpoint is not None else {}
-    trainer.start_tracking(meta.get("tracking_run_id"))
-    try:
-        metrics = trainer.train()
-    except Preempted:
-        tracker.finish("KILLED")
-        raise
-    except BaseException as exc:
-        tracker.finish("FAILED", error=f"{type(exc).__name__}: {exc}")
-        raise
-    tracker.finish("FINISHED")
+    with run_log(run_dir, info.is_main):
+        trainer = Trainer(config, info, run_dir, tracker)
+        meta = trainer.resume(checkpoint) if checkpoint is not None else {}
+        trainer.start_tracking(meta.get("tracking_run_id"))
+        try:
+            metrics = trainer.train()
+        except Preempted:
+            tracker.finish("KILLED")
+            raise
+        except BaseException as exc:
+            tracker.finish("FAILED", error=f"{type(exc).__name__}: {exc}")
+            raise
+        tracker.finish("FINISHED")
     if info.is_main:
         print(json.dumps({"run_dir": str(trainer.run_dir), "step": trainer.global_step, "mlflow_run_id": tracker.run_id,
                           **{k: metrics.get(k) for k in ("loss_D", "loss_G", "D_x", "D_G_z")}}))  # fmt: skip

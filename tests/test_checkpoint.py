@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from pipeline import engines
 from pipeline.checkpoint import latest_checkpoint
 from pipeline.config import load_config
 from pipeline.errors import UserError
@@ -89,9 +90,11 @@ def test_crafted_engine_file_is_refused_before_deepspeed_unpickles_it(dist_singl
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path}/PWNED",))
 
-    target = path / "d" / "engine" / "mp_rank_00_model_states.pt"
-    with open(target, "wb") as f:
-        pickle.dump({"module": Exploit()}, f)
+    targets = engines.state_files(path / "d", rank=0)  # every file DeepSpeed would unpickle
+    assert targets
+    for target in targets:
+        with open(target, "wb") as f:
+            pickle.dump({"module": Exploit()}, f)
     with pytest.raises(UserError, match="holds more than tensors; refused"):
         make(dist_single, mnist_shards, tmp_path).resume(path)
     assert not (tmp_path / "PWNED").exists()
@@ -166,3 +169,46 @@ def test_export_and_sample_from_a_checkpoint_without_deepspeed(dist_single, mnis
          "print(' '.join(m for m in sys.modules if m.startswith('deepspeed')))", str(path)],
         capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=60,
     ).stdout  # fmt: skip
+
+
+def test_weight_files_let_export_read_a_run_without_ema(dist_single, mnist_shards, tmp_path):
+    """Every checkpoint holds each network's weights as a plain fp32 state dict: `export` and
+    `sample` read G's from there when the run kept no EMA, and never open DeepSpeed's files."""
+    trainer = make(dist_single, mnist_shards, tmp_path, "train.ema=false", "deepspeed.precision=bf16")
+    losses_of(trainer, 1)
+    path = trainer.save_checkpoint()
+    for network, engine in (("g", trainer.g_engine), ("d", trainer.d_engine)):
+        weights = torch.load(path / f"{network}_weights.pt", weights_only=True)
+        assert weights.keys() == engine.module.state_dict().keys()
+        for key, value in engine.module.state_dict().items():
+            assert weights[key].dtype == torch.float32 or not value.is_floating_point()
+            assert torch.equal(weights[key], value.float() if value.is_floating_point() else value)
+    out = tmp_path / "G.pt"
+    result = run_cli("export", "--checkpoint", path, "--out", out)
+    assert result.returncode == 0, result.stderr
+    payload = torch.load(out, weights_only=True)
+    assert payload["ema"] is False and payload["step"] == 1
+    assert all(torch.equal(payload["state_dict"][k], v) for k, v in torch.load(path / "g_weights.pt").items())
+
+    (path / "g_weights.pt").unlink()  # as in a checkpoint written before the weight files existed
+    result = run_cli("sample", "--checkpoint", path, "--out", tmp_path / "x.png")
+    assert result.returncode == 2 and "has neither ema.pt nor g_weights.pt" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_damaged_files_are_named_in_one_line(dist_single, mnist_shards, tmp_path):
+    trainer = make(dist_single, mnist_shards, tmp_path)
+    path = trainer.save_checkpoint()
+    ema = path / "ema.pt"
+    ema.write_bytes(ema.read_bytes()[:100])  # truncated
+    result = run_cli("sample", "--checkpoint", path, "--out", tmp_path / "x.png")
+    assert result.returncode == 2, result.stderr
+    assert f"EMA file {ema} is damaged or not a torch file" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(UserError, match=f"{ema} is damaged or not a torch file"):
+        make(dist_single, mnist_shards, tmp_path).resume(path)
+
+    foreign = tmp_path / "foreign.pt"
+    foreign.write_bytes(pickle.dumps({"not": "torch"}))
+    result = run_cli("export", "--checkpoint", foreign, "--out", tmp_path / "y.pt")
+    assert result.returncode == 2 and f"checkpoint {foreign} is damaged or holds more than tensors" in result.stderr
+    assert "weights_only=False" not in result.stderr  # torch's unsafe advice is not repeated

@@ -35,8 +35,8 @@ def final_weights(run_dir):
     latest = run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
     load = lambda p: torch.load(p, map_location="cpu", weights_only=True)  # noqa: E731
     return {
-        "G": load(latest / "g" / "engine" / "mp_rank_00_model_states.pt")["module"],
-        "D": load(latest / "d" / "engine" / "mp_rank_00_model_states.pt")["module"],
+        "G": load(latest / "g_weights.pt"),
+        "D": load(latest / "d_weights.pt"),
         "EMA": load(latest / "ema.pt")["model"],
     }
 

@@ -152,15 +152,15 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches_the_straight_run
     assert f"resumed from {tmp_path}/runs/dcgan-{job}/checkpoints/step_{stopped_at:07d} at step {stopped_at}" in log
     assert "training exited 0" in log
 
-    # Same final weights as the uninterrupted run: G (EMA export) and the D engine.
+    # Same final weights as the uninterrupted run: G (EMA export and its own weights) and D.
     straight_dir = straight[0] / "runs" / f"dcgan-{straight[1]}"
     run_dir = tmp_path / "runs" / f"dcgan-{job}"
-    for relative in ("generator.pt", f"checkpoints/step_{STEPS:07d}/ema.pt",
-                     f"checkpoints/step_{STEPS:07d}/d/engine/mp_rank_00_model_states.pt"):  # fmt: skip
-        a = torch.load(straight_dir / relative, map_location="cpu", weights_only=False)
-        b = torch.load(run_dir / relative, map_location="cpu", weights_only=False)
-        state_a = a.get("state_dict") or a.get("module") or a.get("model")
-        state_b = b.get("state_dict") or b.get("module") or b.get("model")
+    final = f"checkpoints/step_{STEPS:07d}"
+    for relative in ("generator.pt", f"{final}/ema.pt", f"{final}/g_weights.pt", f"{final}/d_weights.pt"):
+        a = torch.load(straight_dir / relative, map_location="cpu", weights_only=True)
+        b = torch.load(run_dir / relative, map_location="cpu", weights_only=True)
+        state_a = a.get("state_dict") or a.get("model") or a
+        state_b = b.get("state_dict") or b.get("model") or b
         assert state_a.keys() == state_b.keys()
         for key in state_a:
             assert torch.equal(state_a[key], state_b[key]), f"{relative}: {key} differs"

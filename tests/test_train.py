@@ -2,6 +2,8 @@
 
 import copy
 import json
+import logging
+import signal
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from pipeline import losses
 from pipeline.config import load_config
 from pipeline.errors import ConfigError, UserError
 from pipeline.export import load_generator
-from pipeline.train import NonFiniteLoss, Trainer
+from pipeline.train import NonFiniteLoss, Trainer, run_log
 from tests.conftest import REPO, run_cli, train_overrides
 
 
@@ -20,6 +22,34 @@ def make_trainer(dist_single, mnist_shards, tmp_path, *extra):
 
 def params(module):
     return [p.detach().clone() for p in module.parameters()]
+
+
+def test_building_a_trainer_has_no_process_wide_effects(dist_single, mnist_shards, tmp_path):
+    """No global seed, log handler or signal handler: tests and tools build many Trainers in
+    one process. The initial weights still come from config.seed alone."""
+    logger = logging.getLogger("pipeline")
+    torch.manual_seed(1234)
+    before = (torch.get_rng_state(), list(logger.handlers), signal.getsignal(signal.SIGTERM))
+    first = make_trainer(dist_single, mnist_shards, tmp_path / "a")
+    second = make_trainer(dist_single, mnist_shards, tmp_path / "b")
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert logger.handlers == before[1] and signal.getsignal(signal.SIGTERM) == before[2]
+    for a, b in zip(first.g_engine.module.parameters(), second.g_engine.module.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_run_log_writes_train_log_only_while_open(tmp_path):
+    logger = logging.getLogger("pipeline.train")
+    handlers = list(logging.getLogger("pipeline").handlers)
+    with run_log(tmp_path / "run", is_main=True):
+        logger.warning("inside the run")
+    logger.warning("after the run")
+    assert "inside the run" in (tmp_path / "run" / "train.log").read_text()
+    assert "after the run" not in (tmp_path / "run" / "train.log").read_text()
+    assert logging.getLogger("pipeline").handlers == handlers
+    with run_log(tmp_path / "other", is_main=False):  # ranks other than 0 write no file
+        logger.warning("rank 1")
+    assert not (tmp_path / "other").exists()
 
 
 def test_g_step_leaves_d_frozen_and_unchanged(dist_single, mnist_shards, tmp_path):
@@ -36,7 +66,7 @@ def test_d_update_is_plain_adam_on_the_d_loss_alone(dist_single, mnist_shards, t
     """After a G step, D's update equals torch Adam on L_D only: no G-loss gradient leaks in,
     no hidden gradient clipping (DeepSpeed's default is 1.0 since 0.19.3, #8068)."""
     trainer = make_trainer(dist_single, mnist_shards, tmp_path)
-    assert trainer.d_engine.gradient_clipping() == 0.0 and trainer.g_engine.gradient_clipping() == 0.0
+    assert trainer.d_engine.engine.gradient_clipping() == 0.0 and trainer.g_engine.engine.gradient_clipping() == 0.0
     trainer.g_step(16)  # would leave gradients in D if it were not frozen
     real = next(iter(trainer.loader)).images
     reference_d = copy.deepcopy(trainer.d_engine.module)
@@ -121,7 +151,7 @@ def test_objectives_and_engine_options_train(dist_single, mnist_shards, tmp_path
     config = trainer.config
     consumed = 2 * config.loss.n_critic * config.deepspeed.gradient_accumulation
     assert trainer.loader.batches_consumed == consumed
-    assert trainer.d_engine.global_steps == 2 * config.loss.n_critic and trainer.g_engine.global_steps == 2
+    assert trainer.d_engine.engine.global_steps == 2 * config.loss.n_critic and trainer.g_engine.engine.global_steps == 2
 
 
 def test_shape_mismatch_between_data_and_model(dist_single, mnist_shards, tmp_path):

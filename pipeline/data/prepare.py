@@ -33,9 +33,10 @@ from PIL import Image
 from tqdm import tqdm
 
 import pipeline
-from pipeline.data.manifest import FORMAT, MANIFEST_NAME, sha256_file, write_json_atomic
+from pipeline.data.manifest import FORMAT, MANIFEST_NAME, sha256_file
 from pipeline.data.sources import Item, cpu_count, iter_chunks, open_source
 from pipeline.errors import UserError
+from pipeline.files import write_json_atomic
 
 FILTERS = {
     "box": Image.Resampling.BOX,

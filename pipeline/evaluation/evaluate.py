@@ -21,7 +21,7 @@ from pipeline.errors import UserError
 
 
 def run_eval(args) -> int:
-    from pipeline.checkpoint import Checkpointer
+    from pipeline.checkpoint import read_meta
     from pipeline.config import load_config
     from pipeline.dist import detect
     from pipeline.evaluation.fid import FidEvaluator, compare_sets
@@ -34,7 +34,7 @@ def run_eval(args) -> int:
         generator, payload = load_generator(args.checkpoint)
         source = resolve_source(args.checkpoint)
         if source.is_dir():
-            base, label = Checkpointer.read_meta(source)["config"], f"checkpoint {source}"
+            base, label = read_meta(source)["config"], f"checkpoint {source}"
         elif not (args.reference or args.config):
             raise UserError(f"{source} is a generator export without a dataset: pass --reference DATA")
     config = load_config(args.config, args.overrides, base=None if args.config else base, base_label=label)

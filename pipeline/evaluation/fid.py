@@ -27,9 +27,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.data.loader import decode_image
-from pipeline.data.manifest import write_bytes_atomic, write_json_atomic
 from pipeline.data.shards import iter_samples, resolve_shards
 from pipeline.errors import UserError
+from pipeline.files import write_bytes_atomic, write_json_atomic
 from pipeline.evaluation.inception import PROTOCOL, InceptionFeatures
 from pipeline.evaluation.stats import (FeatureStats, all_gather_rows, broadcast_object, broadcast_tensor, frechet_distance,
                                        kid)  # fmt: skip

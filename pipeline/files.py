@@ -1,0 +1,58 @@
+"""Our files on disk: writes that are never seen half-done, and tensor files loaded
+without running code from them.
+
+Which ranks run it: whichever rank writes or reads the file (the callers say which).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name, fsync, then rename: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+# What torch.load(weights_only=True, map_location="cpu") raises on a file that is damaged or
+# not a torch file (seen with torch 2.13): RuntimeError for a broken zip ("failed finding
+# central directory"), EOFError for an empty file, KeyError or UnpicklingError for other
+# bytes. On the CPU no other RuntimeError comes from the file's contents.
+DAMAGED_TORCH_FILE = (RuntimeError, EOFError, KeyError, ValueError)
+
+
+def load_tensors(path: str | Path, what: str):
+    """torch.load onto the CPU with weights_only=True: tensors and plain containers only, so
+    loading never runs code from the file. A missing, damaged or crafted file is a UserError
+    naming it (`what` says what the file is).
+
+    torch's own message for a refused file advises loading with weights_only=False, which
+    would run that code; it is not repeated here."""
+    import torch  # here, not at the top: `prepare` uses this module's writers and never needs torch
+
+    from pipeline.errors import UserError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise UserError(f"{what} {path} is a folder, not a file") from None
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).rsplit("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0][:200]
+        raise UserError(f"{what} {path} is damaged or holds more than tensors; refused ({reason})") from None
+    except DAMAGED_TORCH_FILE as exc:
+        reason = (str(exc).splitlines() or [""])[0].split(". ")[0][:200]  # torch's first sentence
+        raise UserError(f"{what} {path} is damaged or not a torch file ({type(exc).__name__}: {reason})") from None

@@ -1,0 +1,41 @@
+"""Every random stream of one rank, as a state dict of tensors and plain values (so a
+checkpoint loads with weights_only=True), and back.
+
+Which ranks run it: every rank, for its own streams."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def rng_state(step_generator: torch.Generator) -> dict:
+    """python, numpy and torch's global streams (and CUDA's), plus the trainer's step generator."""
+    np_kind, np_keys, np_pos, np_gauss, np_cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": np_kind,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": np_pos,
+            "has_gauss": np_gauss,
+            "cached_gaussian": np_cached,
+        },
+        "torch": torch.get_rng_state(),
+        "step_generator": step_generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, step_generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    step_generator.set_state(state["step_generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
