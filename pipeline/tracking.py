@@ -45,6 +45,8 @@ def redact_uri(uri: str) -> str:
         parts = urlsplit(uri)
     except ValueError:
         return "<unparseable uri>"
+    if "@" not in parts.netloc and not parts.query and not parts.fragment:
+        return uri  # nothing to drop; urlunsplit would also turn sqlite:////abs into sqlite://abs
     netloc = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
@@ -133,6 +135,21 @@ def _sqlite_setup_lock(uri: str, timeout_s: float = 120.0):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _store_errors() -> tuple[type[BaseException], ...]:
+    """What an unreachable, misconfigured or damaged store raises when first asked (mlflow
+    3.17): MlflowException (HTTP errors after retries; the file store's maintenance mode),
+    OSError (a path that cannot be created), ImportError (a database URI whose driver is not
+    installed), SQLAlchemyError (an sqlite file that is not a database)."""
+    from mlflow.exceptions import MlflowException
+
+    errors: tuple[type[BaseException], ...] = (MlflowException, OSError, ImportError)
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:  # mlflow-skinny: no database stores
+        return errors
+    return (*errors, SQLAlchemyError)
+
+
 class MlflowTracker:
     """Rank 0 only. Construction checks that the store answers: a bad URI fails here, before training."""
 
@@ -157,11 +174,10 @@ class MlflowTracker:
                     if experiment is not None
                     else self.client.create_experiment(config.experiment, artifact_location=artifact_location)
                 )
-        except UserError:
-            raise
-        except Exception as exc:
+        except _store_errors() as exc:
             raise UserError(
-                f"tracking store {self.shown_uri} did not answer ({type(exc).__name__}: {str(exc)[:300]}). "
+                f"tracking store {self.shown_uri} did not answer or is not usable "
+                f"({type(exc).__name__}: {redact_text(str(exc).splitlines()[0][:300] if str(exc) else '')}). "
                 "Start the server (launch/mlflow_server.sh), fix tracking.uri / MLFLOW_TRACKING_URI, "
                 "or set tracking.enabled: false"
             ) from None

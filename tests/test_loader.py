@@ -134,6 +134,15 @@ def test_wrong_image_shape_counts_as_corrupt(small_shards):
     assert len(list(loader)) == N_SAMPLES // 4 and loader.corrupt_samples == 1
 
 
+def test_unreadable_class_counts_as_corrupt(small_shards, caplog):
+    shards, _, _ = small_shards
+    rewrite_member(shards / "train-000001.tar", "000000012.cls", b"seven")
+    loader = loader_for(shards, shuffle=False)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        assert len(list(loader)) == N_SAMPLES // 4
+    assert loader.corrupt_samples == 1 and "class b'seven' is not an integer" in caplog.text
+
+
 def test_truncated_shard_keeps_batch_counts_equal(small_shards):
     shards, _, _ = small_shards
     path = shards / "train-000004.tar"

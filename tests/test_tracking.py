@@ -5,8 +5,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from mlflow.tracking import MlflowClient
 
+from pipeline.errors import UserError
 from pipeline.tracking import redact_uri, safe_params
 from tests.conftest import REPO, child_env, run_cli, train_overrides
 
@@ -142,3 +145,15 @@ def test_end_of_run_waits_a_bounded_time_when_the_server_stays_down(mnist_shards
     assert proc.returncode == 0, stderr[-3000:]  # training itself succeeded
     assert "not delivered" in stderr and time.time() - stopped < 60
     assert len(metrics_file.read_text().splitlines()) == 200  # the local record is complete
+
+
+def test_store_that_is_not_a_database_is_a_clear_error(tmp_path):
+    """The store check catches what a damaged store raises (here sqlalchemy's DatabaseError), not
+    every exception: a bug in our own code keeps its traceback."""
+    from pipeline.config import load_config
+    from pipeline.tracking import MlflowTracker
+
+    (tmp_path / "mlflow.db").write_bytes(b"not a database" * 400)
+    config = load_config(None, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]).tracking
+    with pytest.raises(UserError, match=f"tracking store sqlite:///{tmp_path}/mlflow.db did not answer .*DatabaseError"):
+        MlflowTracker(config, tmp_path)

@@ -31,7 +31,6 @@ missing from a truncated shard, are replaced by another sample of the same batch
 
 from __future__ import annotations
 
-import io
 import itertools
 import logging
 import math
@@ -41,15 +40,14 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
+from pipeline.data.decode import BadSample, decode_sample
 from pipeline.data.shards import iter_samples, resolve_shards, verify_shards
 from pipeline.errors import UserError
 
 log = logging.getLogger("pipeline.data")
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 
 
 class Batch(NamedTuple):
@@ -101,20 +99,6 @@ class EpochLayout:
         return np.stack([shard_order[slot], positions - first], axis=-1).reshape(n_batches, batch, 2)
 
 
-def decode_image(files: dict, shape: tuple[int, int, int] | None) -> np.ndarray:
-    ext = next((e for e in IMAGE_EXTS if e in files), None)
-    if ext is None:
-        raise ValueError(f"no image member (has: {', '.join(files) or 'nothing'})")
-    image = Image.open(io.BytesIO(files[ext]))
-    image.load()
-    array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    if shape is not None and array.shape != shape:
-        raise ValueError(f"decoded shape {array.shape} differs from the dataset's {shape}")
-    return array
-
-
 class _EpochDataset(IterableDataset):
     """One epoch's remaining batches for one rank. Runs in DataLoader workers (or in the
     main process when workers == 0); yields uint8 batches, decoded in the worker."""
@@ -155,13 +139,12 @@ class _EpochDataset(IterableDataset):
         samples, n_bad = [], 0
         for key, files, url in entries:
             try:
-                if isinstance(files, Exception):
+                if isinstance(files, BadSample):  # missing from a truncated shard
                     raise files
-                array = decode_image(files, self.shape)
+                array, label = decode_sample(files, self.shape)
                 self.shape = self.shape or array.shape
-                label = int(files["cls"]) if "cls" in files else None
                 samples.append((array, label, key))
-            except Exception as exc:  # a corrupt image is a counted skip, never a crash
+            except BadSample as exc:  # a corrupt sample is a counted skip, never a crash
                 n_bad += 1
                 log.warning("skipping corrupt sample %s of %s: %s", key, url, exc)
                 samples.append(None)
@@ -183,11 +166,10 @@ class _EpochDataset(IterableDataset):
                     cursors[shard] = _ShardCursor(self.urls[shard], set(self._plan[..., 1][self._plan[..., 0] == shard].tolist()))
                 key, files = cursors[shard].read(index)
                 try:
-                    if not isinstance(files, Exception):
-                        array = decode_image(files, self.shape)
-                        self._fallback = (array, int(files["cls"]) if "cls" in files else None, key)
+                    if not isinstance(files, BadSample):
+                        self._fallback = (*decode_sample(files, self.shape), key)
                         break
-                except Exception:
+                except BadSample:
                     continue
             else:
                 raise UserError(f"no decodable sample in epoch {self.epoch} of this rank's shards ({self.urls[0]} ...)")
@@ -203,14 +185,14 @@ class _ShardCursor:
         self.next_index = 0
         self.exhausted = False
 
-    def read(self, index: int) -> tuple[str, dict | Exception]:
+    def read(self, index: int) -> tuple[str, dict | BadSample]:
         if not self.exhausted:
             for sample_index, key, files in self.samples:
                 self.next_index = sample_index + 1
                 if sample_index == index:
                     return key, files
             self.exhausted = True
-        return f"#{index}", ValueError("sample missing: the shard ends early (truncated?)")
+        return f"#{index}", BadSample("sample missing: the shard ends early (truncated?)")
 
 
 def _keep(batch):

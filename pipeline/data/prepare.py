@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import pipeline
+from pipeline.data.decode import BadSample, open_image
 from pipeline.data.manifest import FORMAT, MANIFEST_NAME, sha256_file
 from pipeline.data.sources import Item, cpu_count, iter_chunks, open_source
 from pipeline.errors import UserError
@@ -70,24 +71,29 @@ class Transform:
 
 
 def _to_pil(payload) -> Image.Image:
-    if isinstance(payload, Exception):
-        raise payload
+    if isinstance(payload, Exception):  # the source could not read this item (a damaged archive member)
+        raise BadSample(f"unreadable ({type(payload).__name__}: {payload})")
     if isinstance(payload, np.ndarray):
         array = payload[..., 0] if payload.ndim == 3 and payload.shape[2] == 1 else payload
         return Image.fromarray(np.ascontiguousarray(array))
-    data = Path(payload).read_bytes() if isinstance(payload, (str, Path)) else payload
-    image = Image.open(io.BytesIO(data))
-    image.load()  # decode fully now: truncated files fail here, not later
-    return image
+    if isinstance(payload, (str, Path)):
+        try:
+            payload = Path(payload).read_bytes()
+        except OSError as exc:
+            raise BadSample(f"unreadable ({exc.strerror})") from None
+    return open_image(payload)
 
 
 def _normalise_mode(image: Image.Image, channels: int) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: keep the top 8 bits
         array = np.asarray(image, dtype=np.uint32)
         image = Image.fromarray((array >> (16 if image.mode == "I" and array.max() > 65535 else 8)).astype(np.uint8))
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    return image.convert("L" if channels == 1 else "RGB")
+    try:
+        if image.mode == "P":
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        return image.convert("L" if channels == 1 else "RGB")
+    except (ValueError, OSError) as exc:  # a mode or palette Pillow cannot convert
+        raise BadSample(f"cannot convert its mode {image.mode} ({exc})") from None
 
 
 def transform_image(payload, transform: Transform) -> bytes:
@@ -96,7 +102,7 @@ def transform_image(payload, transform: Transform) -> bytes:
     width, height = image.size
     side = min(width, height)
     if side < 1:
-        raise ValueError("empty image")
+        raise BadSample("empty image")
     left, top = (width - side) // 2, (height - side) // 2
     image = image.crop((left, top, left + side, top + side))
     if side != transform.resolution:
@@ -119,8 +125,8 @@ def _process_chunk(args: tuple[list[Item], Transform]) -> list[tuple]:
     for item in items:
         try:
             results.append(("ok", item.index, transform_image(item.payload, transform), item.label))
-        except Exception as exc:  # any decode failure of one image is a reject, never the end of the run
-            results.append(("reject", item.index, item.source_id, f"{type(exc).__name__}: {exc}"))
+        except BadSample as exc:  # an image that does not decode is a reject, never the end of the run
+            results.append(("reject", item.index, item.source_id, str(exc)))
     return results
 
 

@@ -20,9 +20,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from pipeline.data.decode import is_image_name
 from pipeline.errors import UserError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BUILTIN_MNIST = ("mnist", "mnist:train", "mnist:test")
 
 
@@ -93,7 +93,7 @@ def _image_folder(root: Path, use_labels: bool) -> Source:
     rel = sorted(
         p.relative_to(root).as_posix()
         for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        if is_image_name(p) and p.is_file()
     )
     labels, names = _labelled(rel, use_labels)
     items = [Item(i, r, root / r, lab) for i, (r, lab) in enumerate(zip(rel, labels))]
@@ -107,7 +107,7 @@ def _image_zip(path: Path, use_labels: bool) -> Source:
         raise UserError(f"source {path}: not a readable zip file ({exc})") from None
     with archive:
         names = sorted(
-            n for n in archive.namelist() if not n.endswith("/") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
+            n for n in archive.namelist() if not n.endswith("/") and is_image_name(n)
         )
         labels, classes = _labelled(names, use_labels)
         items = []

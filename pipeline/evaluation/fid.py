@@ -17,16 +17,16 @@ import json
 import logging
 import math
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
-from pipeline.data.loader import decode_image
+from pipeline.data.decode import IMAGE_EXTENSIONS, BadSample, decode_sample, is_image_name, open_image
 from pipeline.data.shards import iter_samples, resolve_shards
 from pipeline.errors import UserError
 from pipeline.files import write_bytes_atomic, write_json_atomic
@@ -38,7 +38,6 @@ from pipeline.images import to_uint8
 
 log = logging.getLogger("pipeline.evaluation")
 KID_MAX_ROWS = 10_000  # features kept per set for KID: a seeded random subset beyond this
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass
@@ -123,9 +122,9 @@ def _shard_batches(urls_counts: list[tuple[str, int]], wanted: range, batch_size
                 if not lo - offset <= index < hi - offset:
                     continue
                 try:
-                    images.append(torch.from_numpy(decode_image(files, None).copy()))
+                    images.append(torch.from_numpy(decode_sample(files, None)[0].copy()))
                     indices.append(offset + index)
-                except Exception as exc:
+                except BadSample as exc:
                     log.warning("FID reference: skipping corrupt sample %s of %s: %s", key, url, exc)
                 if len(images) == batch_size:
                     yield torch.tensor(indices), images
@@ -143,11 +142,11 @@ def _folder_batches(files: list[Path], wanted: range, batch_size: int):
         images = []
         for i in chunk:
             try:
-                with Image.open(files[i]) as image:
+                with open_image(files[i]) as image:
                     image = image.convert("L" if image.mode in ("L", "I;16", "I", "1") else "RGB")
                     array = np.asarray(image, dtype=np.uint8)
-            except Exception as exc:
-                raise UserError(f"FID: cannot read image {files[i]} ({type(exc).__name__}: {exc})") from None
+            except (BadSample, ValueError) as exc:  # ValueError: a mode Pillow cannot convert
+                raise UserError(f"FID: cannot read image {files[i]}: {exc}") from None
             images.append(torch.from_numpy((array[:, :, None] if array.ndim == 2 else array).copy()))
         yield torch.tensor(list(chunk)), images
 
@@ -161,9 +160,9 @@ class ReferenceSource:
         manifest_like = str(spec).endswith(".json") or (path.is_dir() and (path / "manifest.json").is_file())
         if path.is_dir() and not manifest_like:
             self.kind = "folder"
-            self.files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+            self.files = sorted(p for p in path.rglob("*") if is_image_name(p) and p.is_file())
             if not self.files:
-                raise UserError(f"FID: {spec} holds no images ({', '.join(IMAGE_EXTS)}) and no manifest.json")
+                raise UserError(f"FID: {spec} holds no images ({', '.join(IMAGE_EXTENSIONS)}) and no manifest.json")
             self.total, self.identity = len(self.files), None
             return
         if not manifest_like and not any(c in str(spec) for c in "{:") and not path.exists():
@@ -208,7 +207,7 @@ def _load_cache(npz_path: Path, meta_path: Path, key: str) -> SetStats | None:
             mu, sigma, rows = arrays["mu"], arrays["sigma"], arrays["kid_features"]
         if mu.shape != (2048,) or sigma.shape != (2048, 2048) or not np.isfinite(sigma).all():
             raise ValueError("unexpected array shapes or values")
-    except Exception as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:  # ValueError covers bad JSON
         log.warning("FID reference cache %s is damaged (%s): recomputing it", npz_path, exc)
         return None
     log.info("FID reference statistics from cache %s", npz_path)

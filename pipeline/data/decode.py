@@ -1,0 +1,57 @@
+"""Decoding untrusted image bytes: the one place where any failure of the image decoder
+becomes `BadSample`, which the callers count and skip (loader, FID) or reject (prepare).
+
+Callers catch `BadSample` alone, so a bug in our own code still raises with its traceback.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# Image types we read, as file suffixes (without the dot) and as WebDataset member names.
+IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
+
+
+class BadSample(ValueError):
+    """A sample that cannot be used: it does not decode, has the wrong shape or label, or is
+    missing from a truncated shard."""
+
+
+def is_image_name(name: str | Path) -> bool:
+    return Path(name).suffix.lower().removeprefix(".") in IMAGE_EXTENSIONS
+
+
+def open_image(source: bytes | str | Path) -> Image.Image:
+    """Pillow's image, fully decoded now (a truncated file fails here, not later)."""
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image.load()
+    except Exception as exc:
+        # Pillow's decoders raise many unrelated types on malformed input (OSError, SyntaxError,
+        # ValueError, struct.error, IndexError, DecompressionBombError, ...; see Pillow's
+        # Tests/oss-fuzz): these bytes are untrusted, so every failure here is a bad sample.
+        raise BadSample(f"does not decode ({type(exc).__name__}: {exc})") from exc
+    return image
+
+
+def decode_sample(files: dict, shape: tuple[int, int, int] | None) -> tuple[np.ndarray, int | None]:
+    """(uint8 H x W x C image, class or None) from a WebDataset sample's members."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+    if ext is None:
+        raise BadSample(f"no image member (has: {', '.join(files) or 'nothing'})")
+    array = np.asarray(open_image(files[ext]), dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if shape is not None and array.shape != shape:
+        raise BadSample(f"decoded shape {array.shape} differs from the dataset's {shape}")
+    label = None
+    if "cls" in files:
+        try:
+            label = int(files["cls"])
+        except ValueError:
+            raise BadSample(f"class {files['cls'][:20]!r} is not an integer") from None
+    return array, label
