@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from common import report
 
-from pipeline import engines  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data.prepare import Transform, prepare  # noqa: E402
-from pipeline.dist import detect  # noqa: E402
-from pipeline.train import Trainer  # noqa: E402
+from pipeline import engines
+from pipeline.config import load_config
+from pipeline.data.prepare import Transform, prepare
+from pipeline.dist import detect
+from pipeline.train import Trainer
 
 
 def folder_bytes(path: Path) -> int:
@@ -39,16 +39,27 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prepare("mnist", tmp / "shards", Transform(64, 3), limit=256, progress=False)
-        config = load_config(None, [f"data.shards={tmp}/shards", "data.batch_per_rank=16", "data.workers=0",
-                                    "model.resolution=64", "model.channels=3", f"train.run_root={tmp}/runs",
-                                    "train.progress=false", "train.keep_checkpoints=100"])  # fmt: skip
+        config = load_config(
+            None,
+            [
+                f"data.shards={tmp}/shards",
+                "data.batch_per_rank=16",
+                "data.workers=0",
+                "model.resolution=64",
+                "model.channels=3",
+                f"train.run_root={tmp}/runs",
+                "train.progress=false",
+                "train.keep_checkpoints=100",
+            ],
+        )
         info = detect()
         engines.init_distributed(info, 5)
         trainer = Trainer(config, info, tmp / "runs" / "bench")
         batches = trainer.loader.forever()
         trainer.train_step(batches)  # Adam states exist from here on
         params = sum(p.numel() for p in trainer.g_engine.module.parameters()) + sum(
-            p.numel() for p in trainer.d_engine.module.parameters())  # fmt: skip
+            p.numel() for p in trainer.d_engine.module.parameters()
+        )
 
         save_s, load_s, base_save_s, base_load_s = [], [], [], []
         for i in range(args.repeats):
@@ -61,9 +72,13 @@ def main():
             fresh.resume(path)
             load_s.append(time.perf_counter() - started)
 
-            state = {"G": trainer.g_engine.module.state_dict(), "D": trainer.d_engine.module.state_dict(),
-                     "EMA": trainer.ema.state_dict(), "optG": trainer.g_engine.engine.optimizer.state_dict(),
-                     "optD": trainer.d_engine.engine.optimizer.state_dict()}  # fmt: skip
+            state = {
+                "G": trainer.g_engine.module.state_dict(),
+                "D": trainer.d_engine.module.state_dict(),
+                "EMA": trainer.ema.state_dict(),
+                "optG": trainer.g_engine.engine.optimizer.state_dict(),
+                "optD": trainer.d_engine.engine.optimizer.state_dict(),
+            }
             baseline = tmp / f"plain_{i}.pt"
             started = time.perf_counter()
             torch.save(state, baseline)
@@ -80,13 +95,25 @@ def main():
         print(f"64x64 DCGAN pair: {params / 1e6:.2f} M parameters (fp32, with Adam states and EMA)")
         print(f"ours:  save {save:.3f} s, load {load:.3f} s, {size / 1e6:.1f} MB on disk")
         print(f"plain: save {base_save:.3f} s, load {base_load:.3f} s, {base_size / 1e6:.1f} MB (one torch.save)")
-        print(f"ratios (ours / plain): save {save / base_save:.2f}, load {load / base_load:.2f}, size {size / base_size:.2f}")
-        report("checkpoint_io",
-               {"save_s": round(save, 4), "load_s": round(load, 4), "bytes": size},
-               {"save_s": round(base_save, 4), "load_s": round(base_load, 4), "bytes": base_size,
-                "what": "one torch.save/torch.load of G, D, EMA and both Adam state dicts"},
-               save / base_save, load_ratio=round(load / base_load, 3), size_ratio=round(size / base_size, 3),
-               parameters=params, repeats=args.repeats)  # fmt: skip
+        print(
+            f"ratios (ours / plain): save {save / base_save:.2f}, load {load / base_load:.2f}, "
+            f"size {size / base_size:.2f}"
+        )
+        report(
+            "checkpoint_io",
+            {"save_s": round(save, 4), "load_s": round(load, 4), "bytes": size},
+            {
+                "save_s": round(base_save, 4),
+                "load_s": round(base_load, 4),
+                "bytes": base_size,
+                "what": "one torch.save/torch.load of G, D, EMA and both Adam state dicts",
+            },
+            save / base_save,
+            load_ratio=round(load / base_load, 3),
+            size_ratio=round(size / base_size, 3),
+            parameters=params,
+            repeats=args.repeats,
+        )
 
 
 if __name__ == "__main__":

@@ -21,5 +21,15 @@ def machine() -> dict:
 
 def report(name: str, figures: dict, baseline: dict, ratio: float, **extra) -> None:
     """Every benchmark ends with exactly this one JSON line."""
-    print(json.dumps({"benchmark": name, "figures": figures, "baseline": baseline, "ratio": round(ratio, 3),
-                      "machine": machine(), **extra}))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": name,
+                "figures": figures,
+                "baseline": baseline,
+                "ratio": round(ratio, 3),
+                "machine": machine(),
+                **extra,
+            }
+        )
+    )

@@ -12,8 +12,8 @@ import argparse
 import time
 
 import torch
-
 from common import report
+
 from pipeline.evaluation.fid import compare, generated_stats
 from pipeline.evaluation.inception import InceptionFeatures
 from pipeline.models.dcgan import Generator
@@ -53,11 +53,17 @@ def main() -> None:
     rate = args.n / seconds
     peak = matmul_gflops(device, 8192 if cuda else 2048)
     achieved = rate * GFLOP_PER_IMAGE
-    print(f"{args.n} samples: FID+KID in {seconds:.1f} s ({rate:.1f} images/s, {achieved:.0f} GFLOP/s); "
-          f"fp32 matmul {peak:.0f} GFLOP/s; FID(X, X) = {result['fid']:.2e}")
-    report("fid_speed", {"n": args.n, "seconds": round(seconds, 2), "images_per_s": round(rate, 2),
-                         "gflops": round(achieved, 1)},
-           {"fp32_matmul_gflops": round(peak, 1)}, achieved / peak, device=device.type)
+    print(
+        f"{args.n} samples: FID+KID in {seconds:.1f} s ({rate:.1f} images/s, {achieved:.0f} GFLOP/s); "
+        f"fp32 matmul {peak:.0f} GFLOP/s; FID(X, X) = {result['fid']:.2e}"
+    )
+    report(
+        "fid_speed",
+        {"n": args.n, "seconds": round(seconds, 2), "images_per_s": round(rate, 2), "gflops": round(achieved, 1)},
+        {"fp32_matmul_gflops": round(peak, 1)},
+        achieved / peak,
+        device=device.type,
+    )
 
 
 if __name__ == "__main__":

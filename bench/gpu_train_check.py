@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
-from train_step import PlainLoop  # noqa: E402
+from common import report
+from train_step import PlainLoop
 
-from pipeline import engines  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data.loader import Batch  # noqa: E402
-from pipeline.data.prepare import Transform, prepare  # noqa: E402
-from pipeline.dist import detect  # noqa: E402
-from pipeline.train import Trainer  # noqa: E402
+from pipeline import engines
+from pipeline.config import load_config
+from pipeline.data.loader import Batch
+from pipeline.data.prepare import Transform, prepare
+from pipeline.dist import detect
+from pipeline.train import Trainer
 
 BATCH, RES = 128, 64
 
@@ -38,12 +38,22 @@ def sync(device):
 
 
 def ours(tmp, info, precision, steps, zero=0):
-    config = load_config(None, [
-        f"data.shards={tmp}/shards", f"data.batch_per_rank={BATCH}", "data.workers=0", f"model.resolution={RES}",
-        "model.channels=3", f"deepspeed.precision={precision}", f"deepspeed.zero_stage={zero}",
-        f"train.run_root={tmp}/runs", "train.progress=false", f"train.device={info.device.type}",
-        "tracking.enabled=false",
-    ])  # fmt: skip
+    config = load_config(
+        None,
+        [
+            f"data.shards={tmp}/shards",
+            f"data.batch_per_rank={BATCH}",
+            "data.workers=0",
+            f"model.resolution={RES}",
+            "model.channels=3",
+            f"deepspeed.precision={precision}",
+            f"deepspeed.zero_stage={zero}",
+            f"train.run_root={tmp}/runs",
+            "train.progress=false",
+            f"train.device={info.device.type}",
+            "tracking.enabled=false",
+        ],
+    )
     trainer = Trainer(config, info, Path(tmp) / "runs" / f"{precision}-z{zero}")
     dtype = engines.compute_dtype(config)
     real = (torch.rand(BATCH, 3, RES, RES, device=info.device) * 2 - 1).to(dtype)
@@ -105,8 +115,11 @@ def main():
     gpu = info.device.type == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
         prepare("mnist", Path(tmp) / "shards", Transform(RES, 3), limit=256, progress=False)
-        rates = {"ours_fp32": ours(tmp, info, "fp32", args.steps)[0], "ours_bf16": ours(tmp, info, "bf16", args.steps)[0],
-                 "plain_fp32": plain(info, args.steps, autocast=False)}  # fmt: skip
+        rates = {
+            "ours_fp32": ours(tmp, info, "fp32", args.steps)[0],
+            "ours_bf16": ours(tmp, info, "bf16", args.steps)[0],
+            "plain_fp32": plain(info, args.steps, autocast=False),
+        }
         settle = None
         if gpu:
             rates["plain_autocast_fp16"] = plain(info, args.steps, autocast=True)
@@ -120,14 +133,23 @@ def main():
                 "nan_losses": sum(not (math.isfinite(d) and math.isfinite(g)) for d, g in losses),
                 "last_losses": losses[-1],
             }
-            print(f"fp16 ZeRO-1, {len(history)} steps: loss scale D {settle['loss_scale_D']}, "
-                  f"G {settle['loss_scale_G']}; skipped {settle['skipped_steps']}; non-finite losses {settle['nan_losses']}")  # fmt: skip
+            print(
+                f"fp16 ZeRO-1, {len(history)} steps: loss scale D {settle['loss_scale_D']}, "
+                f"G {settle['loss_scale_G']}; skipped {settle['skipped_steps']}; "
+                f"non-finite losses {settle['nan_losses']}"
+            )
     for name, rate in rates.items():
         print(f"{name:>22}: {rate:,.0f} images/s")
-    report("gpu_train_check", {k: round(v, 1) for k, v in rates.items() if k.startswith("ours")},
-           {k: round(v, 1) for k, v in rates.items() if k.startswith("plain")},
-           rates["ours_fp32"] / rates["plain_fp32"], fp16_settle=settle, batch=BATCH, resolution=RES,
-           device=str(info.device))  # fmt: skip
+    report(
+        "gpu_train_check",
+        {k: round(v, 1) for k, v in rates.items() if k.startswith("ours")},
+        {k: round(v, 1) for k, v in rates.items() if k.startswith("plain")},
+        rates["ours_fp32"] / rates["plain_fp32"],
+        fp16_settle=settle,
+        batch=BATCH,
+        resolution=RES,
+        device=str(info.device),
+    )
 
 
 if __name__ == "__main__":

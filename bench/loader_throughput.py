@@ -19,13 +19,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from common import report
 
-from pipeline.config import DataConfig  # noqa: E402
-from pipeline.data.loader import ShardedLoader  # noqa: E402
-from pipeline.data.manifest import load_manifest, manifest_shards  # noqa: E402
-from pipeline.data.prepare import Transform, prepare  # noqa: E402
-from pipeline.data.shards import iter_samples  # noqa: E402
+from pipeline.config import DataConfig
+from pipeline.data.loader import ShardedLoader
+from pipeline.data.manifest import load_manifest, manifest_shards
+from pipeline.data.prepare import Transform, prepare
+from pipeline.data.shards import iter_samples
 
 BATCH, WORKERS = 128, 2
 
@@ -59,8 +59,9 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        summary = prepare("mnist", tmp / "shards", Transform(64, 3), samples_per_shard=1000, limit=args.images,
-                          progress=False)  # fmt: skip
+        summary = prepare(
+            "mnist", tmp / "shards", Transform(64, 3), samples_per_shard=1000, limit=args.images, progress=False
+        )
         print(summary.line(), flush=True)
         files = tmp / "files"
         files.mkdir()
@@ -83,8 +84,13 @@ def main():
             {"images_per_s": round(ours_rate, 1)},
             {"images_per_s": round(plain_rate, 1), "what": "torch DataLoader + PIL over one PNG file per image"},
             ours_rate / plain_rate,
-            images=args.images, epochs=args.epochs, batch=BATCH, workers=WORKERS, resolution=64, channels=3,
-        )  # fmt: skip
+            images=args.images,
+            epochs=args.epochs,
+            batch=BATCH,
+            workers=WORKERS,
+            resolution=64,
+            channels=3,
+        )
 
 
 if __name__ == "__main__":

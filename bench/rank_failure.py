@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from common import report
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = {"deepspeed": "single_node.sh", "torchrun": "torchrun.sh"}
@@ -45,13 +45,31 @@ def rank_process(launcher_pid: int, local_rank: int, timeout_s: float = 120) -> 
 def seconds_to_end(script: str, shards: Path, run_root: Path) -> float:
     """Start a long 2-rank run, kill local rank 1 once training has logged 2 steps, and time the
     launcher's exit (bounded at 300 s: past that the job is reported as hung)."""
-    args = ["--gpus", "2", "configs/mnist32.yaml", f"data.shards={shards}", "data.batch_per_rank=16",
-            "model.g_width=16", "model.d_width=16", f"train.run_root={run_root}", "train.progress=false",
-            "train.log_every=1", "train.steps=100000", "train.device=cpu", "eval.fid_every=0",
-            "tracking.enabled=false"]  # fmt: skip
+    args = [
+        "--gpus",
+        "2",
+        "configs/mnist32.yaml",
+        f"data.shards={shards}",
+        "data.batch_per_rank=16",
+        "model.g_width=16",
+        "model.d_width=16",
+        f"train.run_root={run_root}",
+        "train.progress=false",
+        "train.log_every=1",
+        "train.steps=100000",
+        "train.device=cpu",
+        "eval.fid_every=0",
+        "tracking.enabled=false",
+    ]
     env = {**os.environ, "PYTHON": sys.executable}
-    launcher = subprocess.Popen(["bash", REPO / "launch" / script, *args], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True)  # fmt: skip
+    launcher = subprocess.Popen(
+        ["bash", REPO / "launch" / script, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 300
         while not any(len(m.read_text().splitlines()) >= 2 for m in run_root.glob("*/metrics.jsonl")):
@@ -82,12 +100,18 @@ def main() -> None:
         for repeat in range(args.repeats):
             for name, script in LAUNCHERS.items():
                 seconds[name].append(seconds_to_end(script, shards, Path(tmp) / f"runs-{name}-{repeat}"))
-                print(f"[{repeat + 1}/{args.repeats}] {name}: job ended {seconds[name][-1]:.1f} s after the kill",
-                      flush=True)  # fmt: skip
+                print(
+                    f"[{repeat + 1}/{args.repeats}] {name}: job ended {seconds[name][-1]:.1f} s after the kill",
+                    flush=True,
+                )
     median = {name: round(statistics.median(s), 2) for name, s in seconds.items()}
-    report("rank_failure", {"torchrun_seconds_to_end": median["torchrun"], "repeats": args.repeats},
-           {"deepspeed_seconds_to_end": median["deepspeed"]}, median["torchrun"] / median["deepspeed"],
-           collective_timeout_s=load_config(None, []).deepspeed.timeout_minutes * 60)  # fmt: skip
+    report(
+        "rank_failure",
+        {"torchrun_seconds_to_end": median["torchrun"], "repeats": args.repeats},
+        {"deepspeed_seconds_to_end": median["deepspeed"]},
+        median["torchrun"] / median["deepspeed"],
+        collective_timeout_s=load_config(None, []).deepspeed.timeout_minutes * 60,
+    )
 
 
 if __name__ == "__main__":

@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from common import report
 
-from pipeline import engines  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data.prepare import Transform, prepare  # noqa: E402
-from pipeline.dist import detect  # noqa: E402
-from pipeline.tracking import MlflowTracker, NullTracker  # noqa: E402
-from pipeline.train import Trainer  # noqa: E402
+from pipeline import engines
+from pipeline.config import load_config
+from pipeline.data.prepare import Transform, prepare
+from pipeline.dist import detect
+from pipeline.tracking import MlflowTracker, NullTracker
+from pipeline.train import Trainer
 
 
 def main():
@@ -34,9 +34,18 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         prepare("mnist", tmp / "shards", Transform(32, 1), limit=2048, progress=False)
-        config = load_config(None, [f"data.shards={tmp}/shards", "data.workers=1", f"train.run_root={tmp}/runs",
-                                    "train.progress=false", f"train.log_every={args.log_every}",
-                                    "train.sample_every=20", "train.checkpoint_every=100000"])  # fmt: skip
+        config = load_config(
+            None,
+            [
+                f"data.shards={tmp}/shards",
+                "data.workers=1",
+                f"train.run_root={tmp}/runs",
+                "train.progress=false",
+                f"train.log_every={args.log_every}",
+                "train.sample_every=20",
+                "train.checkpoint_every=100000",
+            ],
+        )
         info = detect()
         engines.init_distributed(info, 5)
         trainer = Trainer(config, info, tmp / "runs" / "bench")
@@ -57,18 +66,28 @@ def main():
         for r in range(args.rounds):
             off.append(timed(null))
             on.append(timed(tracker))
-            print(f"round {r + 1}/{args.rounds}: off {off[-1] * 1000:.1f} ms/step, on {on[-1] * 1000:.1f} ms/step",
-                  flush=True)  # fmt: skip
+            print(
+                f"round {r + 1}/{args.rounds}: off {off[-1] * 1000:.1f} ms/step, on {on[-1] * 1000:.1f} ms/step",
+                flush=True,
+            )
         tracker.finish("FINISHED")
         on_s, off_s = statistics.median(on), statistics.median(off)
         overhead = on_s / off_s - 1
         delivered = len(tracker.client.get_metric_history(tracker.run_id, "loss_D"))
-        print(f"step time: tracking off {off_s * 1000:.1f} ms, on {on_s * 1000:.1f} ms; overhead {overhead * 100:+.2f}% "
-              f"(goal <= 2%); {delivered} loss_D points delivered")  # fmt: skip
-        report("tracking_overhead", {"step_s_tracking_on": round(on_s, 5), "rounds_on": [round(x, 5) for x in on]},
-               {"step_s_tracking_off": round(off_s, 5), "rounds_off": [round(x, 5) for x in off]},
-               on_s / off_s, overhead_percent=round(overhead * 100, 2), log_every=args.log_every,
-               store="sqlite", metrics_delivered=delivered)  # fmt: skip
+        print(
+            f"step time: tracking off {off_s * 1000:.1f} ms, on {on_s * 1000:.1f} ms; overhead {overhead * 100:+.2f}% "
+            f"(goal <= 2%); {delivered} loss_D points delivered"
+        )
+        report(
+            "tracking_overhead",
+            {"step_s_tracking_on": round(on_s, 5), "rounds_on": [round(x, 5) for x in on]},
+            {"step_s_tracking_off": round(off_s, 5), "rounds_off": [round(x, 5) for x in off]},
+            on_s / off_s,
+            overhead_percent=round(overhead * 100, 2),
+            log_every=args.log_every,
+            store="sqlite",
+            metrics_delivered=delivered,
+        )
 
 
 if __name__ == "__main__":

@@ -18,15 +18,15 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report  # noqa: E402
+from common import report
 
-from pipeline import engines  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.data.loader import Batch  # noqa: E402
-from pipeline.data.prepare import Transform, prepare  # noqa: E402
-from pipeline.dist import detect  # noqa: E402
-from pipeline.models.dcgan import Discriminator, Generator  # noqa: E402
-from pipeline.train import Trainer  # noqa: E402
+from pipeline import engines
+from pipeline.config import load_config
+from pipeline.data.loader import Batch
+from pipeline.data.prepare import Transform, prepare
+from pipeline.dist import detect
+from pipeline.models.dcgan import Discriminator, Generator
+from pipeline.train import Trainer
 
 
 class PlainLoop:
@@ -68,13 +68,25 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        prepare("mnist", Path(tmp) / "shards", Transform(args.resolution, args.channels), limit=args.batch * 4,
-                progress=False)  # fmt: skip
-        config = load_config(None, [
-            f"data.shards={tmp}/shards", f"data.batch_per_rank={args.batch}", "data.workers=0",
-            f"model.resolution={args.resolution}", f"model.channels={args.channels}",
-            f"train.run_root={tmp}/runs", "train.progress=false",
-        ])  # fmt: skip
+        prepare(
+            "mnist",
+            Path(tmp) / "shards",
+            Transform(args.resolution, args.channels),
+            limit=args.batch * 4,
+            progress=False,
+        )
+        config = load_config(
+            None,
+            [
+                f"data.shards={tmp}/shards",
+                f"data.batch_per_rank={args.batch}",
+                "data.workers=0",
+                f"model.resolution={args.resolution}",
+                f"model.channels={args.channels}",
+                f"train.run_root={tmp}/runs",
+                "train.progress=false",
+            ],
+        )
         info = detect()
         engines.init_distributed(info, 5)
         trainer = Trainer(config, info, Path(tmp) / "runs" / "bench")
@@ -102,13 +114,24 @@ def main():
             base.append(plain_rate())
             print(f"round {r + 1}/{args.rounds}: ours {ours[-1]:.1f} img/s, plain {base[-1]:.1f} img/s", flush=True)
         ours_best, base_best = max(ours), max(base)
-        print(f"ours (DeepSpeed engines): {ours_best:.1f} images/s; plain PyTorch: {base_best:.1f} images/s; "
-              f"ratio {ours_best / base_best:.3f} (goal >= 0.95)")  # fmt: skip
-        report("train_step", {"images_per_s": round(ours_best, 1), "rounds": [round(x, 1) for x in ours]},
-               {"images_per_s": round(base_best, 1), "rounds": [round(x, 1) for x in base],
-                "what": "plain PyTorch loop, torch.optim.Adam, same models/batch/data"},
-               ours_best / base_best, resolution=args.resolution, batch=args.batch, precision="fp32",
-               device=str(info.device))  # fmt: skip
+        print(
+            f"ours (DeepSpeed engines): {ours_best:.1f} images/s; plain PyTorch: {base_best:.1f} images/s; "
+            f"ratio {ours_best / base_best:.3f} (goal >= 0.95)"
+        )
+        report(
+            "train_step",
+            {"images_per_s": round(ours_best, 1), "rounds": [round(x, 1) for x in ours]},
+            {
+                "images_per_s": round(base_best, 1),
+                "rounds": [round(x, 1) for x in base],
+                "what": "plain PyTorch loop, torch.optim.Adam, same models/batch/data",
+            },
+            ours_best / base_best,
+            resolution=args.resolution,
+            batch=args.batch,
+            precision="fp32",
+            device=str(info.device),
+        )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("out_dir")
     prep.add_argument("--resolution", type=int, default=32, help="square side in pixels (default 32)")
     prep.add_argument("--channels", type=int, default=1, choices=(1, 3), help="1 (grayscale) or 3 (RGB)")
-    prep.add_argument("--filter", default="auto", help="resize filter: auto (box down, bilinear up), box, "
-                      "bilinear, bicubic, lanczos, nearest")  # fmt: skip
+    prep.add_argument(
+        "--filter",
+        default="auto",
+        help="resize filter: auto (box down, bilinear up), box, bilinear, bicubic, lanczos, nearest",
+    )
     prep.add_argument("--format", dest="image_format", default="png", choices=("png", "jpg"))
     prep.add_argument("--quality", type=int, default=95, help="jpg quality (1-100)")
     prep.add_argument("--samples-per-shard", type=int, default=1000)
@@ -72,26 +75,39 @@ def build_parser() -> argparse.ArgumentParser:
         description="One process, or one per rank under deepspeed / torchrun / srun (ranks from the environment).",
     )
     _add_config_args(train)
-    train.add_argument("--resume", default="none", metavar="auto|none|PATH",
-                       help="auto: continue from the run folder's newest complete checkpoint (fresh start if "
-                       "none); PATH: a checkpoint folder or run folder; none (default): a new run")  # fmt: skip
+    train.add_argument(
+        "--resume",
+        default="none",
+        metavar="auto|none|PATH",
+        help="auto: continue from the run folder's newest complete checkpoint (fresh start if "
+        "none); PATH: a checkpoint folder or run folder; none (default): a new run",
+    )
 
     sample = commands.add_parser("sample", help="write an image grid from a saved generator")
-    sample.add_argument("--checkpoint", required=True, help="a checkpoint folder, a run folder (its newest "
-                        "checkpoint) or a generator export (.pt)")  # fmt: skip
+    sample.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint folder, a run folder (its newest checkpoint) or a generator export (.pt)",
+    )
     sample.add_argument("--n", type=int, default=64, help="number of images")
     sample.add_argument("--seed", type=int, default=0, help="seed of the latents")
     sample.add_argument("--out", required=True, help="output PNG")
 
     evaluate = commands.add_parser(
-        "eval", help="FID/KID of a checkpoint against its dataset, or between two datasets; prints JSON",
+        "eval",
+        help="FID/KID of a checkpoint against its dataset, or between two datasets; prints JSON",
         description="One process, or many under deepspeed/torchrun/srun (each rank takes a share). "
         "With --checkpoint: the EMA generator against the reference data of the checkpoint's config "
         "(eval.reference or data.shards). With --real A --real B: two datasets (manifests or image folders).",
-    )  # fmt: skip
+    )
     evaluate.add_argument("--checkpoint", help="a checkpoint folder, a run folder or a generator export")
-    evaluate.add_argument("--real", action="append", default=[], metavar="DATA",
-                          help="a manifest, its folder, or an image folder; give it twice")  # fmt: skip
+    evaluate.add_argument(
+        "--real",
+        action="append",
+        default=[],
+        metavar="DATA",
+        help="a manifest, its folder, or an image folder; give it twice",
+    )
     evaluate.add_argument("--n-gen", type=int, help="generated images (default eval.n_generated)")
     evaluate.add_argument("--n-ref", type=int, help="reference images (default eval.n_reference: all)")
     evaluate.add_argument("--reference", help="reference data (default: the checkpoint config's)")
@@ -115,11 +131,19 @@ def cmd_prepare(args) -> int:
 
     transform = Transform(args.resolution, args.channels, args.filter, args.image_format, args.quality)
     summary = prepare(
-        args.source, args.out_dir, transform, samples_per_shard=args.samples_per_shard,
-        val_fraction=args.val_fraction, split_seed=args.split_seed, use_labels=not args.no_labels,
-        subset=args.subset, limit=args.limit, workers=args.workers, overwrite=args.overwrite,
+        args.source,
+        args.out_dir,
+        transform,
+        samples_per_shard=args.samples_per_shard,
+        val_fraction=args.val_fraction,
+        split_seed=args.split_seed,
+        use_labels=not args.no_labels,
+        subset=args.subset,
+        limit=args.limit,
+        workers=args.workers,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
-    )  # fmt: skip
+    )
     print(summary.line())
     return 0
 
@@ -156,12 +180,22 @@ def cmd_stream(args) -> int:
             bar.update(1)
     seconds = time.perf_counter() - started
     if rank == 0:
-        print(json.dumps({
-            "rank": rank, "world_size": world, "batches": total, "images": images, "seconds": round(seconds, 2),
-            "images_per_s": round(images / seconds, 1), "batches_per_epoch": len(loader),
-            "corrupt_samples": loader.corrupt_samples, "shape": list(batch.images.shape[1:]),
-            "value_range": [round(batch.images.min().item(), 3), round(batch.images.max().item(), 3)],
-        }))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "rank": rank,
+                    "world_size": world,
+                    "batches": total,
+                    "images": images,
+                    "seconds": round(seconds, 2),
+                    "images_per_s": round(images / seconds, 1),
+                    "batches_per_epoch": len(loader),
+                    "corrupt_samples": loader.corrupt_samples,
+                    "shape": list(batch.images.shape[1:]),
+                    "value_range": [round(batch.images.min().item(), 3), round(batch.images.max().item(), 3)],
+                }
+            )
+        )
     return 0
 
 
@@ -178,8 +212,8 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
-    from pipeline.images import save_grid
     from pipeline.export import generate, load_generator
+    from pipeline.images import save_grid
 
     if args.n < 1:
         raise UserError(f"--n must be >= 1, got {args.n}")
@@ -204,8 +238,14 @@ def cmd_eval(args) -> int:
     return run_eval(args)
 
 
-COMMANDS = {"prepare": cmd_prepare, "stream": cmd_stream, "train": cmd_train, "sample": cmd_sample,
-            "export": cmd_export, "eval": cmd_eval}  # fmt: skip
+COMMANDS = {
+    "prepare": cmd_prepare,
+    "stream": cmd_stream,
+    "train": cmd_train,
+    "sample": cmd_sample,
+    "export": cmd_export,
+    "eval": cmd_eval,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

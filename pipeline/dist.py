@@ -39,7 +39,7 @@ class DistInfo:
 
     def summary(self) -> str:
         """The one-line topology that rank 0 prints."""
-        devices = (f"cuda x{self.local_world_size} per node" if self.device.type == "cuda" else "cpu")
+        devices = f"cuda x{self.local_world_size} per node" if self.device.type == "cuda" else "cpu"
         return (
             f"launcher={self.launcher} world_size={self.world_size} nodes={self.nodes} "
             f"ranks_per_node={self.local_world_size} backend={self.backend} devices={devices} "
@@ -48,8 +48,10 @@ class DistInfo:
 
     def mapping(self) -> str:
         """One line per rank: how the launcher's variables were mapped (each rank logs its own)."""
-        return (f"rank {self.rank}/{self.world_size}: node {self.node_rank}, local_rank {self.local_rank}, "
-                f"host {socket.gethostname()}, device {self.device}")  # fmt: skip
+        return (
+            f"rank {self.rank}/{self.world_size}: node {self.node_rank}, local_rank {self.local_rank}, "
+            f"host {socket.gethostname()}, device {self.device}"
+        )
 
 
 def free_port() -> int:
@@ -76,7 +78,9 @@ def detect(device: str = "auto") -> DistInfo:
         _check_slurm_layout(env)
         env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env["LOCAL_WORLD_SIZE"] = str(int(env["SLURM_NTASKS"]) // int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1"))))
+        env["LOCAL_WORLD_SIZE"] = str(
+            int(env["SLURM_NTASKS"]) // int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+        )
         env["NODE_RANK"] = env.get("SLURM_NODEID", "0")
         if "MASTER_ADDR" not in env:
             raise UserError("srun launch: MASTER_ADDR is not set (slurm/train.sbatch exports the first node's address)")
@@ -92,7 +96,9 @@ def detect(device: str = "auto") -> DistInfo:
     rank, world, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"])
     local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world)
     # deepspeed: CROSS_RANK; torchrun: GROUP_RANK; srun: NODE_RANK set above.
-    node_rank = int(env.get("NODE_RANK") or env.get("CROSS_RANK") or env.get("GROUP_RANK") or rank // max(1, local_world))
+    node_rank = int(
+        env.get("NODE_RANK") or env.get("CROSS_RANK") or env.get("GROUP_RANK") or rank // max(1, local_world)
+    )
     if rank == 0 and launcher != "torchrun":  # torchrun's agent holds the port itself
         _check_port_free(env["MASTER_PORT"])
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
@@ -109,9 +115,15 @@ def detect(device: str = "auto") -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     return DistInfo(
-        launcher, rank, local_rank, world, local_world,
-        torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"), "nccl" if use_cuda else "gloo", node_rank,
-    )  # fmt: skip
+        launcher,
+        rank,
+        local_rank,
+        world,
+        local_world,
+        torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+        "nccl" if use_cuda else "gloo",
+        node_rank,
+    )
 
 
 def _check_slurm_layout(env) -> None:
@@ -119,7 +131,9 @@ def _check_slurm_layout(env) -> None:
     and match what the job asked for (PIPELINE_EXPECT_NODES, set by the user or a script)."""
     tasks, nodes = int(env["SLURM_NTASKS"]), int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
     if tasks % nodes:
-        raise UserError(f"Slurm gave {tasks} tasks on {nodes} nodes: use --ntasks-per-node so every node runs the same number")
+        raise UserError(
+            f"Slurm gave {tasks} tasks on {nodes} nodes: use --ntasks-per-node so every node runs the same number"
+        )
     expected = env.get("PIPELINE_EXPECT_NODES")
     if expected and int(expected) != nodes:
         raise UserError(f"the job expects {expected} nodes (PIPELINE_EXPECT_NODES) but the allocation has {nodes}")

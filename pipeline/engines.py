@@ -31,7 +31,7 @@ from torch import nn
 # cache per environment (set before deepspeed is imported) avoids both.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
-import deepspeed  # noqa: E402
+import deepspeed
 
 from pipeline.config import Config, OptimizerConfig
 from pipeline.dist import DistInfo
@@ -48,9 +48,11 @@ ENGINE_TAG = "engine"
 def init_distributed(info: DistInfo, timeout_minutes: float) -> None:
     """All ranks. auto_mpi_discovery off: without the env vars it would try MPI and fail on mpi4py."""
     deepspeed.init_distributed(
-        dist_backend=info.backend, auto_mpi_discovery=False, verbose=False,
+        dist_backend=info.backend,
+        auto_mpi_discovery=False,
+        verbose=False,
         timeout=timedelta(minutes=timeout_minutes),
-    )  # fmt: skip
+    )
     _unlink_shm_buffer(info)
 
 
@@ -68,10 +70,8 @@ def _unlink_shm_buffer(info: DistInfo) -> None:
     if info.device.type != "cpu":
         return
     torch.distributed.barrier()
-    try:
+    with contextlib.suppress(FileNotFoundError, KeyError):  # no segment, or no MASTER_* variables
         shm_buffer_path(info.rank).unlink()
-    except (FileNotFoundError, KeyError):
-        pass
 
 
 def build_ds_config(config: Config, network: str) -> dict:

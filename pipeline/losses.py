@@ -11,7 +11,7 @@ wgan-gp (Gulrajani et al. 2017):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,10 @@ def g_loss(kind: str, d_fake: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_penalty(
-    discriminator: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator
+    discriminator: Callable[[torch.Tensor], torch.Tensor],
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    generator: torch.Generator,
 ) -> torch.Tensor:
     """E[(||grad D(x_hat)||_2 - 1)^2] at random interpolates x_hat = eps*real + (1-eps)*fake.
 

@@ -34,7 +34,9 @@ def rng_state(step_generator: torch.Generator) -> dict:
 def set_rng_state(state: dict, step_generator: torch.Generator) -> None:
     random.setstate(state["python"])
     n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     step_generator.set_state(state["step_generator"])
     if "cuda" in state and torch.cuda.is_available():

@@ -52,7 +52,9 @@ def redact_uri(uri: str) -> str:
 
 
 USERINFO = re.compile(r"(?<=://)[^/\s@]+@")
-SECRET_QUERY = re.compile(r"([?&][^=&\s]*(?:token|key|secret|password|sig|signature|credential)[^=&\s]*=)[^&\s]+", re.IGNORECASE)
+SECRET_QUERY = re.compile(
+    r"([?&][^=&\s]*(?:token|key|secret|password|sig|signature|credential)[^=&\s]*=)[^&\s]+", re.IGNORECASE
+)
 
 
 def redact_text(text: str) -> str:
@@ -127,7 +129,9 @@ def _sqlite_setup_lock(uri: str, timeout_s: float = 120.0):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise UserError(f"tracking store {uri}: another process held {lock_path} for {timeout_s:.0f} s") from None
+                    raise UserError(
+                        f"tracking store {uri}: another process held {lock_path} for {timeout_s:.0f} s"
+                    ) from None
                 time.sleep(0.2)
         try:
             yield
@@ -234,8 +238,11 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         now = int(time.time() * 1000)
-        values = [(k, float(v), now, step) for k, v in metrics.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))]  # fmt: skip
+        values = [
+            (k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))
+        ]
         if values:
             self._put(("metrics", values))
 
@@ -261,8 +268,13 @@ class MlflowTracker:
             self._thread.join(timeout=self.config.flush_timeout_s)
         left = len(self._queue)
         if left:
-            log.warning("tracking: %d item(s) not delivered to %s within %.0f s (metrics.jsonl in the run "
-                        "folder has every metric)", left, self.shown_uri, self.config.flush_timeout_s)  # fmt: skip
+            log.warning(
+                "tracking: %d item(s) not delivered to %s within %.0f s (metrics.jsonl in the run "
+                "folder has every metric)",
+                left,
+                self.shown_uri,
+                self.config.flush_timeout_s,
+            )
 
     # ------------------------------------------------------------ delivery side
     def _deliver_forever(self) -> None:
@@ -283,14 +295,19 @@ class MlflowTracker:
                         continue
                     if self.outage_since is None:
                         self.outage_since = time.time()
-                        log.warning("tracking server %s unreachable (%s); buffering and retrying",
-                                    self.shown_uri, str(exc)[:200])  # fmt: skip
+                        log.warning(
+                            "tracking server %s unreachable (%s); buffering and retrying",
+                            self.shown_uri,
+                            str(exc)[:200],
+                        )
                     if self._stop.wait(timeout=backoff) and time.time() - self.outage_since > 3600:
                         return
                     backoff = min(backoff * 2, 30.0)
                     continue
                 if self.outage_since is not None:
-                    log.warning("tracking server back after %.0f s; delivering the buffer", time.time() - self.outage_since)
+                    log.warning(
+                        "tracking server back after %.0f s; delivering the buffer", time.time() - self.outage_since
+                    )
                     self.outage_since = None
                 backoff = 1.0
             if self._stop.is_set() and not self._queue:

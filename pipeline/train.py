@@ -26,7 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pipeline import engines, losses
-from pipeline.checkpoint import CheckpointParts, Checkpointer, latest_checkpoint, read_meta
+from pipeline.checkpoint import Checkpointer, CheckpointParts, latest_checkpoint, read_meta
 from pipeline.config import Config, config_to_yaml
 from pipeline.data.loader import ShardedLoader
 from pipeline.dist import DistInfo
@@ -65,13 +65,12 @@ class PreemptionFlag:
     def __call__(self, signum, frame):
         self.signum = signum
 
-    def install(self) -> "PreemptionFlag":
+    def install(self) -> PreemptionFlag:
         """Kept for the rest of the process: a signal that lands while a preempted rank shuts
         down (the deepspeed launcher SIGTERMs the survivors) must not kill it mid-exit."""
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self)
         return self
-
 
 
 class Trainer:
@@ -174,8 +173,12 @@ class Trainer:
             loss = loss + self.config.loss.gp_weight * gp.float()
         self.d_engine.backward(loss)
         norm = self.d_engine.step()
-        return {"loss_D": loss.item(), "D_x": losses.d_confidence(kind, d_real),
-                "D_G_z": losses.d_confidence(kind, d_fake), "grad_norm_D": norm}  # fmt: skip
+        return {
+            "loss_D": loss.item(),
+            "D_x": losses.d_confidence(kind, d_real),
+            "D_G_z": losses.d_confidence(kind, d_fake),
+            "grad_norm_D": norm,
+        }
 
     def g_step(self, batch_size: int) -> dict:
         """One G micro-step through D's raw module with D frozen: G's backward touches only G.
@@ -206,8 +209,10 @@ class Trainer:
         seconds = time.perf_counter() - started
         images = len(d_records) * self.config.data.batch_per_rank * self.info.world_size
         return self._reduce(d_records, g_records) | {
-            "images_per_s": images / seconds, "step_time_s": seconds, "data_wait_share": waited / seconds,
-        }  # fmt: skip
+            "images_per_s": images / seconds,
+            "step_time_s": seconds,
+            "data_wait_share": waited / seconds,
+        }
 
     def _reduce(self, d_records: list[dict], g_records: list[dict]) -> dict:
         """Means over micro-steps and ranks (one small all-reduce: every rank sees the same values)."""
@@ -218,10 +223,14 @@ class Trainer:
         values = torch.tensor(local, dtype=torch.float64, device=self.device)
         dist.all_reduce(values)
         *means, stop = (values / self.info.world_size).tolist()
-        metrics = dict(zip(keys, means))
+        metrics = dict(zip(keys, means, strict=True))
         metrics["stop_requested"] = stop > 0
-        metrics["grad_norm_D"] = next((r["grad_norm_D"] for r in reversed(d_records) if r["grad_norm_D"] is not None), None)
-        metrics["grad_norm_G"] = next((r["grad_norm_G"] for r in reversed(g_records) if r["grad_norm_G"] is not None), None)
+        metrics["grad_norm_D"] = next(
+            (r["grad_norm_D"] for r in reversed(d_records) if r["grad_norm_D"] is not None), None
+        )
+        metrics["grad_norm_G"] = next(
+            (r["grad_norm_G"] for r in reversed(g_records) if r["grad_norm_G"] is not None), None
+        )
         for net, engine in (("D", self.d_engine), ("G", self.g_engine)):
             metrics[f"loss_scale_{net}"] = engine.loss_scale
             metrics[f"skipped_steps_{net}"] = engine.skipped_steps
@@ -272,9 +281,13 @@ class Trainer:
         tags = {"run_dir": str(self.run_dir.resolve()), "launcher": self.info.launcher, **tracking.tags}
         self.tracker.start(tracking.run_name or self.run_dir.name, run_id=run_id, tags=tags)
         if self.fid is not None:
-            self.tracker.set_tags({"fid.n_reference": self.fid.reference.n,
-                                   "fid.reference": json.dumps(self.fid.reference.describe),
-                                   "fid.protocol": json.dumps(self.fid.extractor.protocol)})  # fmt: skip
+            self.tracker.set_tags(
+                {
+                    "fid.n_reference": self.fid.reference.n,
+                    "fid.reference": json.dumps(self.fid.reference.describe),
+                    "fid.protocol": json.dumps(self.fid.extractor.protocol),
+                }
+            )
         if run_id:
             self.tracker.set_tags({"resumed_at_step": self.global_step})
             return
@@ -283,13 +296,19 @@ class Trainer:
         commit = found.pop("git_commit", None)
         params = {
             **flatten(self.config.model_dump(mode="json"), "config."),
-            **flatten(self.g_engine.ds_config, "ds_g."), **flatten(self.d_engine.ds_config, "ds_d."),
-            "world_size": self.info.world_size, "nodes": self.info.nodes,
-            "device": self.device.type, "launcher": self.info.launcher,
-            **{f"version.{k}": v for k, v in found.items()}, **({"git_commit": commit} if commit else {}),
-            "data.count": manifest.get("count"), "data.resolution": manifest.get("resolution"),
-            "data.channels": manifest.get("channels"), "data.manifest_sha256": manifest.get("_hash"),
-        }  # fmt: skip
+            **flatten(self.g_engine.ds_config, "ds_g."),
+            **flatten(self.d_engine.ds_config, "ds_d."),
+            "world_size": self.info.world_size,
+            "nodes": self.info.nodes,
+            "device": self.device.type,
+            "launcher": self.info.launcher,
+            **{f"version.{k}": v for k, v in found.items()},
+            **({"git_commit": commit} if commit else {}),
+            "data.count": manifest.get("count"),
+            "data.resolution": manifest.get("resolution"),
+            "data.channels": manifest.get("channels"),
+            "data.manifest_sha256": manifest.get("_hash"),
+        }
         self.tracker.log_params(params)
         for name in ("config.yaml", "ds_config_g.json", "ds_config_d.json"):
             self.tracker.log_artifact(self.run_dir / name, "config")
@@ -341,16 +360,30 @@ class Trainer:
             record = {"step": self.global_step, "checkpoint": checkpoint.name, **result}
             with open(self.run_dir / FID_LOG, "a") as f:
                 f.write(json.dumps(record) + "\n")
-            self.tracker.log_metrics({k: result[k] for k in ("fid", "kid") if k in result} |
-                                     {"fid_seconds": result["seconds"]}, self.global_step)  # fmt: skip
+            self.tracker.log_metrics(
+                {k: result[k] for k in ("fid", "kid") if k in result} | {"fid_seconds": result["seconds"]},
+                self.global_step,
+            )
             if self.best_fid is None or result["fid"] < self.best_fid[0]:
                 self.best_fid = (result["fid"], self.global_step)
                 self.checkpointer.mark_best(checkpoint)
-                self.tracker.set_tags({"best_fid": f"{result['fid']:.4f}", "best_fid_step": self.global_step,
-                                       "checkpoint.best": str(checkpoint.resolve())})  # fmt: skip
-            log.info("step %d FID %.3f%s (n_generated=%d, n_reference=%d, %.0f s); best %.3f at step %d",
-                     self.global_step, result["fid"], f" KID {result['kid']:.5f}" if "kid" in result else "",
-                     result["n_generated"], result["n_reference"], result["seconds"], *self.best_fid)  # fmt: skip
+                self.tracker.set_tags(
+                    {
+                        "best_fid": f"{result['fid']:.4f}",
+                        "best_fid_step": self.global_step,
+                        "checkpoint.best": str(checkpoint.resolve()),
+                    }
+                )
+            log.info(
+                "step %d FID %.3f%s (n_generated=%d, n_reference=%d, %.0f s); best %.3f at step %d",
+                self.global_step,
+                result["fid"],
+                f" KID {result['kid']:.5f}" if "kid" in result else "",
+                result["n_generated"],
+                result["n_reference"],
+                result["seconds"],
+                *self.best_fid,
+            )
         return result
 
     def _due(self, every: int) -> bool:
@@ -363,8 +396,14 @@ class Trainer:
             yield lambda metrics: None
             return
         train = self.config.train
-        bar = tqdm(total=train.steps, initial=self.global_step, unit="step", desc="train", mininterval=1.0,
-                   disable=not train.progress)  # fmt: skip
+        bar = tqdm(
+            total=train.steps,
+            initial=self.global_step,
+            unit="step",
+            desc="train",
+            mininterval=1.0,
+            disable=not train.progress,
+        )
         with open(self.run_dir / "metrics.jsonl", "a") as metrics_file:
 
             def record(metrics: dict) -> None:
@@ -393,7 +432,9 @@ class Trainer:
         return save_grid(images, self.run_dir / "samples" / f"step_{self.global_step:07d}.png")
 
     def export_generator(self, path: Path) -> Path:
-        return save_generator(path, self.sampling_generator(), self.config.model, self.global_step, self.ema is not None)
+        return save_generator(
+            path, self.sampling_generator(), self.config.model, self.global_step, self.ema is not None
+        )
 
 
 def _progress(metrics: dict) -> str:
@@ -420,7 +461,9 @@ def resolve_run(config: Config, config_name: str, resume: str) -> tuple[Path, Pa
         read_meta(path)
         return path.parent.parent, path
     if resume == "auto" and not train.run_name:
-        raise UserError("--resume auto needs a stable run folder: set train.run_name (slurm/train.sbatch uses the job name)")
+        raise UserError(
+            "--resume auto needs a stable run folder: set train.run_name (slurm/train.sbatch uses the job name)"
+        )
     name = train.run_name or f"{config_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     run_dir = Path(train.run_root) / name
     latest = latest_checkpoint(run_dir)
@@ -486,8 +529,16 @@ def run_training(config: Config, config_name: str, resume: str = "none") -> int:
             raise
         tracker.finish("FINISHED")
     if info.is_main:
-        print(json.dumps({"run_dir": str(trainer.run_dir), "step": trainer.global_step, "mlflow_run_id": tracker.run_id,
-                          **{k: metrics.get(k) for k in ("loss_D", "loss_G", "D_x", "D_G_z")}}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "run_dir": str(trainer.run_dir),
+                    "step": trainer.global_step,
+                    "mlflow_run_id": tracker.run_id,
+                    **{k: metrics.get(k) for k in ("loss_D", "loss_G", "D_x", "D_G_z")},
+                }
+            )
+        )
     dist.barrier()
     dist.destroy_process_group()
     return 0

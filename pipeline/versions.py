@@ -12,8 +12,12 @@ import pipeline
 
 # name in the record -> distributions to ask, first found wins (mlflow-skinny alone is enough
 # for a client that logs to a server)
-PACKAGES = {"torch": ("torch",), "deepspeed": ("deepspeed",), "webdataset": ("webdataset",),
-            "mlflow": ("mlflow", "mlflow-skinny")}
+PACKAGES = {
+    "torch": ("torch",),
+    "deepspeed": ("deepspeed",),
+    "webdataset": ("webdataset",),
+    "mlflow": ("mlflow", "mlflow-skinny"),
+}
 
 
 def versions() -> dict[str, str]:
@@ -36,8 +40,9 @@ def versions() -> dict[str, str]:
 @cache  # one subprocess per process
 def _git_commit() -> str | None:
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).resolve().parent)
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).resolve().parent
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() if result.returncode == 0 else None

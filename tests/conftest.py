@@ -31,9 +31,13 @@ def run_cli(*args, timeout=120, env=None, cwd=None) -> subprocess.CompletedProce
 
 def run(command: list, timeout=120, env=None, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(c) for c in command], capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO,
+        [str(c) for c in command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd or REPO,
         env=child_env(env),
-    )  # fmt: skip
+    )
 
 
 def make_npz(path: Path, n: int, side: int = 8, channels: int | None = None, seed: int = 0) -> tuple:
@@ -53,8 +57,14 @@ def small_shards(tmp_path):
 
     images, labels = make_npz(tmp_path / "src.npz", 103)
     out = tmp_path / "shards"
-    prepare(str(tmp_path / "src.npz"), out, Transform(resolution=8, channels=1), samples_per_shard=10,
-            workers=1, progress=False)  # fmt: skip
+    prepare(
+        str(tmp_path / "src.npz"),
+        out,
+        Transform(resolution=8, channels=1),
+        samples_per_shard=10,
+        workers=1,
+        progress=False,
+    )
     return out, images, labels
 
 
@@ -87,10 +97,18 @@ def train_overrides(shards, tmp_path, *extra) -> list[str]:
     """A small, quick CPU training config on the MNIST fixture. FID is off (configs/mnist32.yaml
     turns it on for the main job); the FID tests turn it back on in `extra`."""
     return [
-        f"data.shards={shards}", "data.batch_per_rank=16", "data.workers=0", "model.g_width=16", "model.d_width=16",
-        f"train.run_root={tmp_path}/runs", "train.progress=false", "train.log_every=1", "train.sample_every=1000",
-        "eval.fid_every=0", *extra,
-    ]  # fmt: skip
+        f"data.shards={shards}",
+        "data.batch_per_rank=16",
+        "data.workers=0",
+        "model.g_width=16",
+        "model.d_width=16",
+        f"train.run_root={tmp_path}/runs",
+        "train.progress=false",
+        "train.log_every=1",
+        "train.sample_every=1000",
+        "eval.fid_every=0",
+        *extra,
+    ]
 
 
 class MlflowServer:
@@ -103,17 +121,28 @@ class MlflowServer:
         self.root, self.port, self.proc = root, free_port(), None
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 90) -> "MlflowServer":
+    def start(self, timeout_s: float = 90) -> MlflowServer:
         import time
         import urllib.request
 
         env = child_env({"MLFLOW_BIN": str(Path(sys.executable).parent / "mlflow")})
         self.proc = subprocess.Popen(
-            ["bash", str(REPO / "launch/mlflow_server.sh"), "--backend-store-uri", f"sqlite:///{self.root}/mlflow.db",
-             "--artifacts-destination", str(self.root / "artifacts"), "--port", str(self.port)],
-            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "ab"),
+            [
+                "bash",
+                str(REPO / "launch/mlflow_server.sh"),
+                "--backend-store-uri",
+                f"sqlite:///{self.root}/mlflow.db",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--port",
+                str(self.port),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "server.log", "ab"),  # noqa: SIM115 (the server's own log; it outlives this call)
             start_new_session=True,
-        )  # fmt: skip
+        )
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             try:

@@ -28,9 +28,13 @@ ref = FeatureStats(16)
 ref.update(b)
 mu_b, sigma_b = ref.mean_cov()
 result = {
-    "n": stats.n, "mu": mu.tolist(), "sigma": sigma.tolist(), "rows": rows.tolist(),
-    "fid": frechet_distance(mu, sigma, mu_b, sigma_b), "kid": kid(a.float(), b.float(), subsets=7, subset_size=30, seed=3),
-}  # fmt: skip
+    "n": stats.n,
+    "mu": mu.tolist(),
+    "sigma": sigma.tolist(),
+    "rows": rows.tolist(),
+    "fid": frechet_distance(mu, sigma, mu_b, sigma_b),
+    "kid": kid(a.float(), b.float(), subsets=7, subset_size=30, seed=3),
+}
 with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
     json.dump(result, f)
 dist.destroy_process_group()

@@ -51,11 +51,14 @@ trainer.d_engine.step()
 history = [trainer.train_step(batches) for _ in range(2)]
 flat = lambda module: torch.cat([p.detach().float().flatten() for p in module.parameters()]).tolist()  # noqa: E731
 evidence |= {
-    "g": gather(flat(trainer.g_engine.module)), "d": gather(flat(trainer.d_engine.module)),
-    "ema": gather(flat(trainer.ema.model)), "losses": gather([(m["loss_D"], m["loss_G"]) for m in history]),
-    "world_size": info.world_size, "launcher": info.launcher,
+    "g": gather(flat(trainer.g_engine.module)),
+    "d": gather(flat(trainer.d_engine.module)),
+    "ema": gather(flat(trainer.ema.model)),
+    "losses": gather([(m["loss_D"], m["loss_G"]) for m in history]),
+    "world_size": info.world_size,
+    "launcher": info.launcher,
     "tracker": gather(type(tracker).__name__),
-}  # fmt: skip
+}
 tracker.finish("FINISHED")
 if info.rank == 0:
     with open(args.out, "w") as f:

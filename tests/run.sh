@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv with the test extras and run the whole suite (the README's test command).
+# Set up .venv with the test extras, check lint and formatting (ruff), and run the whole suite
+# (the README's test command).
 # The browser test needs Debian's chromium and the Slurm tests Debian's slurm + munge:
 # installed here when running as root with apt (CI); elsewhere those tests skip, saying so.
 set -euo pipefail
@@ -16,4 +17,7 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     fi
 fi
 bash launch/setup.sh test
+# Lint and format first: a style problem fails in a second, not after the suite.
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest -q --durations=25 "$@"

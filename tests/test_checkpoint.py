@@ -41,14 +41,16 @@ def test_checkpoint_contents_and_exact_continuation(dist_single, mnist_shards, t
     assert meta["step"] == 2 and meta["world_size"] == 1 and meta["config"]["model"]["g_width"] == 16
     assert {"torch", "deepspeed", "pipeline"} <= set(meta["versions"])
     client = torch.load(path / "client" / "rank_00000.pt", weights_only=True)
-    assert client["loader"]["batches_consumed"] == 2 and {"python", "numpy", "torch", "step_generator"} <= set(client["rng"])
+    assert client["loader"]["batches_consumed"] == 2 and {"python", "numpy", "torch", "step_generator"} <= set(
+        client["rng"]
+    )
     assert (path / "g" / "engine").is_dir() and (path / "d" / "engine").is_dir() and (path / "ema.pt").is_file()
 
     fresh = make(dist_single, mnist_shards, tmp_path, "data.workers=1")
     fresh.resume(path)
     assert fresh.global_step == 2
     assert losses_of(fresh, 3) == expected
-    for a, b in zip(fresh.ema.model.parameters(), trainer.ema.model.parameters()):
+    for a, b in zip(fresh.ema.model.parameters(), trainer.ema.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -120,15 +122,25 @@ def test_resume_modes(mnist_shards, tmp_path):
 def test_kill_during_save_keeps_the_previous_checkpoint_and_resumes_exactly(mnist_shards, tmp_path):
     """SIGKILL the moment a save starts writing; `latest` still names a complete checkpoint,
     and the resumed run's losses equal an uninterrupted run's, step for step."""
-    common = ["train", "--config", REPO / "configs/mnist32.yaml",
-              *train_overrides(mnist_shards, tmp_path, "train.steps=6", "train.checkpoint_every=1",
-                               "model.g_width=64", "model.d_width=64")]  # fmt: skip
+    common = [
+        "train",
+        "--config",
+        REPO / "configs/mnist32.yaml",
+        *train_overrides(
+            mnist_shards, tmp_path, "train.steps=6", "train.checkpoint_every=1", "model.g_width=64", "model.d_width=64"
+        ),
+    ]
     straight = run_cli(*common, "train.run_name=straight", timeout=300)
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     run_dir = tmp_path / "runs" / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *map(str, common), "train.run_name=killed"],
-                            cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *map(str, common), "train.run_name=killed"],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not list((run_dir / "checkpoints").glob("step_0000004.tmp/*")):
         time.sleep(0.005)
@@ -164,11 +176,23 @@ def test_export_and_sample_from_a_checkpoint_without_deepspeed(dist_single, mnis
     assert generator(torch.randn(3, 100)).shape == (3, 1, 32, 32)
     sampled = run_cli("sample", "--checkpoint", path, "--n", 4, "--out", tmp_path / "g.png")
     assert sampled.returncode == 0 and "step 2 (EMA G)" in sampled.stdout
-    assert "deepspeed" not in subprocess.run(
-        [sys.executable, "-c", "import sys, pipeline.export; pipeline.export.load_generator(sys.argv[1]); "
-         "print(' '.join(m for m in sys.modules if m.startswith('deepspeed')))", str(path)],
-        capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=60,
-    ).stdout  # fmt: skip
+    assert (
+        "deepspeed"
+        not in subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys, pipeline.export; pipeline.export.load_generator(sys.argv[1]); "
+                "print(' '.join(m for m in sys.modules if m.startswith('deepspeed')))",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            cwd=REPO,
+            timeout=60,
+        ).stdout
+    )
 
 
 def test_weight_files_let_export_read_a_run_without_ema(dist_single, mnist_shards, tmp_path):

@@ -20,15 +20,28 @@ from pipeline.errors import EXIT_REQUEUE
 from tests.conftest import DEEPSPEED, REPO, child_env, run, train_overrides
 
 
-
 def launch_command(shards, tmp_path, name, steps, *extra):
     overrides = train_overrides(shards, tmp_path, f"train.steps={steps}", f"train.run_name={name}", *extra)
-    return [DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), "--module", "pipeline", "train",
-            "--config", REPO / "configs/mnist32.yaml", *overrides]  # fmt: skip
+    return [
+        DEEPSPEED,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        free_port(),
+        "--module",
+        "pipeline",
+        "train",
+        "--config",
+        REPO / "configs/mnist32.yaml",
+        *overrides,
+    ]
 
 
 def per_step(run_dir):
-    return [(r["step"], r["loss_D"], r["loss_G"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    return [
+        (r["step"], r["loss_D"], r["loss_G"])
+        for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    ]
 
 
 def final_weights(run_dir):
@@ -50,11 +63,22 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
 
 def test_signal_to_one_rank_checkpoints_all_and_requeues(dist_single, mnist_shards, tmp_path):
     steps = 30
-    extra = ("model.g_width=64", "model.d_width=64", "train.checkpoint_every=1000",
-             "deepspeed.gradient_accumulation=2", "data.workers=2")  # fmt: skip
+    extra = (
+        "model.g_width=64",
+        "model.d_width=64",
+        "train.checkpoint_every=1000",
+        "deepspeed.gradient_accumulation=2",
+        "data.workers=2",
+    )
     run_dir = tmp_path / "runs" / "pre"
-    launcher = subprocess.Popen([str(c) for c in launch_command(mnist_shards, tmp_path, "pre", steps, *extra)],
-                                cwd=REPO, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    launcher = subprocess.Popen(
+        [str(c) for c in launch_command(mnist_shards, tmp_path, "pre", steps, *extra)],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and not (
         (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3
@@ -81,7 +105,9 @@ def test_signal_to_one_rank_checkpoints_all_and_requeues(dist_single, mnist_shar
 
     resumed = run([*launch_command(mnist_shards, tmp_path, "pre", steps, *extra), "--resume", "auto"], timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints' / latest} at step {stopped_at}" in (run_dir / "train.log").read_text()
+    assert (
+        f"resumed from {run_dir / 'checkpoints' / latest} at step {stopped_at}" in (run_dir / "train.log").read_text()
+    )
     after = client.get_run(preempted.info.run_id)  # the same MLflow run continued, and finished
     assert after.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(after.info.run_id, "loss_D")] == list(range(1, steps + 1))

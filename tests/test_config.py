@@ -1,7 +1,7 @@
 """Config: typed, validated, with overrides; errors name the key, the origin and what was expected."""
 
-import yaml
 import pytest
+import yaml
 
 from pipeline.config import Config, config_to_yaml, load_config, parse_override
 from pipeline.errors import ConfigError
@@ -83,7 +83,9 @@ def test_print_config_round_trips(tmp_path):
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)
     assert printed["data"]["workers"] == 5
-    assert load_config(None, []).model_validate(printed) == load_config(REPO / "configs/mnist32.yaml", ["data.workers=5"])
+    assert load_config(None, []).model_validate(printed) == load_config(
+        REPO / "configs/mnist32.yaml", ["data.workers=5"]
+    )
     assert config_to_yaml(Config()).startswith("seed: 0")
 
 

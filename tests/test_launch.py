@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 
 from conftest import REPO, child_env, run, run_cli, train_overrides
+
 from pipeline.dist import free_port
 
 sys.path.insert(0, str(REPO / "bench"))
-from rank_failure import rank_process  # noqa: E402  (one copy: the benchmark measures what the test bounds)
+from rank_failure import rank_process
 
 
 def wrapper_env(**extra) -> dict:
@@ -31,13 +32,23 @@ def test_two_nodes_without_ssh_form_one_four_rank_job(mnist_shards, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two 'nodes', both this machine\n127.0.0.1 slots=2\nlocalhost slots=2\n")
     env = wrapper_env(MASTER_PORT=free_port())
-    args = ["configs/mnist32.yaml", *train_overrides(mnist_shards, tmp_path, "train.device=cpu", "train.steps=3",
-            "train.run_name=two-nodes")]  # fmt: skip
-    nodes = [subprocess.Popen(["bash", REPO / "launch/multi_node_no_ssh.sh", "--hostfile", hostfile, "--node-rank",
-                               str(rank), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env, cwd=REPO) for rank in (0, 1)]  # fmt: skip
+    args = [
+        "configs/mnist32.yaml",
+        *train_overrides(mnist_shards, tmp_path, "train.device=cpu", "train.steps=3", "train.run_name=two-nodes"),
+    ]
+    nodes = [
+        subprocess.Popen(
+            ["bash", REPO / "launch/multi_node_no_ssh.sh", "--hostfile", hostfile, "--node-rank", str(rank), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    for node, output in zip(nodes, outputs):
+    for node, output in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, output[-4000:]
     assert "+ " in outputs[0] and "--no_ssh --node_rank 0" in outputs[0]  # the exact command, printed
     assert "topology: launcher=deepspeed world_size=4 nodes=2 ranks_per_node=2" in outputs[0]
@@ -53,15 +64,16 @@ def test_wrapper_errors_come_before_any_launch(tmp_path):
     hostfile.write_text("a slots=8\nb slots=8\n")
     cases = [
         (["multi_node.sh", "--hostfile", tmp_path / "missing", "configs/mnist32.yaml"], "hostfile not found"),
-        (["multi_node.sh", "--hostfile", hostfile, "--nodes", "3", "configs/mnist32.yaml"],
-         "--nodes 3 but hostfile"),
+        (["multi_node.sh", "--hostfile", hostfile, "--nodes", "3", "configs/mnist32.yaml"], "--nodes 3 but hostfile"),
         (["multi_node.sh", "configs/mnist32.yaml"], "--hostfile FILE is required"),
-        (["multi_node_no_ssh.sh", "--hostfile", hostfile, "--node-rank", "2", "configs/mnist32.yaml"],
-         "--node-rank 2 but hostfile"),
+        (
+            ["multi_node_no_ssh.sh", "--hostfile", hostfile, "--node-rank", "2", "configs/mnist32.yaml"],
+            "--node-rank 2 but hostfile",
+        ),
         (["multi_node_no_ssh.sh", "--hostfile", hostfile, "configs/mnist32.yaml"], "--node-rank R is required"),
         (["torchrun.sh", "--nodes", "2", "--node-rank", "1", "configs/mnist32.yaml"], "set MASTER_PORT"),
         (["single_node.sh", "--gpus", "2", "configs/nope.yaml"], "config not found: configs/nope.yaml"),
-    ]  # fmt: skip
+    ]
     for args, message in cases:
         result = launch(*args, timeout=30)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
@@ -72,8 +84,11 @@ def test_port_in_use_is_a_clear_error_before_training(mnist_shards, tmp_path):
         busy.bind(("", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_cli("train", *train_overrides(mnist_shards, tmp_path, "train.steps=1"),
-                         env={"MASTER_PORT": str(port), "MASTER_ADDR": "127.0.0.1"})  # fmt: skip
+        result = run_cli(
+            "train",
+            *train_overrides(mnist_shards, tmp_path, "train.steps=1"),
+            env={"MASTER_PORT": str(port), "MASTER_ADDR": "127.0.0.1"},
+        )
     assert result.returncode == 2
     assert f"MASTER_PORT {port} is already in use" in result.stderr
     assert not (tmp_path / "runs").exists()
@@ -86,18 +101,30 @@ def test_a_killed_rank_ends_the_job_within_the_bound(mnist_shards, tmp_path):
     (It used not to: its SIGTERM-ignoring loader worker kept it in an unbounded join at exit.)
     bench/rank_failure.py measures this for the deepspeed launcher and torchrun."""
     script = "single_node.sh"
-    args = ["--gpus", "2", "configs/mnist32.yaml",
-            *train_overrides(mnist_shards, tmp_path, "train.device=cpu", "train.steps=100000", "data.workers=1")]  # fmt: skip
-    launcher = subprocess.Popen(["bash", REPO / "launch" / script, *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=wrapper_env(), cwd=REPO,
-                                start_new_session=True)  # fmt: skip
+    args = [
+        "--gpus",
+        "2",
+        "configs/mnist32.yaml",
+        *train_overrides(mnist_shards, tmp_path, "train.device=cpu", "train.steps=100000", "data.workers=1"),
+    ]
+    launcher = subprocess.Popen(
+        ["bash", REPO / "launch" / script, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=wrapper_env(),
+        cwd=REPO,
+        start_new_session=True,
+    )
     try:
         metrics = None
         deadline = time.monotonic() + 240
         while metrics is None or len(metrics.read_text().splitlines()) < 2:
             assert launcher.poll() is None, launcher.stdout.read()[-4000:]
             assert time.monotonic() < deadline, "training never started"
-            metrics = next(Path(tmp_path / "runs").glob("*/metrics.jsonl"), None) if (tmp_path / "runs").exists() else None
+            metrics = (
+                next(Path(tmp_path / "runs").glob("*/metrics.jsonl"), None) if (tmp_path / "runs").exists() else None
+            )
             time.sleep(0.3)
         victim = rank_process(launcher.pid, 1)
         killed = time.monotonic()

@@ -11,10 +11,22 @@ def test_two_gloo_ranks_stream_disjoint_equal_epochs(small_shards, tmp_path):
     shards, _, _ = small_shards
     out = tmp_path / "result.json"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "tests/dist_loader_job.py", str(shards), str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "tests/dist_loader_job.py",
+            str(shards),
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = json.loads(out.read_text())
     assert [r["batches"] for r in ranks] == [103 // 8, 103 // 8]

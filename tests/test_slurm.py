@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, child_env, train_overrides
+
 from pipeline.dist import free_port
 
 STEPS = 20
@@ -46,8 +46,9 @@ def cluster(tmp_path_factory):
         pytest.skip("Slurm is not installed and this is not root (tests/run.sh installs it as root, as CI does)")
     state = tmp_path_factory.mktemp("slurm")
     env = child_env({"PIPELINE_SLURM_DIR": str(state / "cluster"), "PIPELINE_SLURM_PORT": str(_free_port_block())})
-    started = subprocess.run(["bash", REPO / "slurm/local_cluster.sh", "start"], capture_output=True, text=True,
-                             timeout=900, env=env)  # fmt: skip
+    started = subprocess.run(
+        ["bash", REPO / "slurm/local_cluster.sh", "start"], capture_output=True, text=True, timeout=900, env=env
+    )
     assert started.returncode == 0, started.stdout + started.stderr
     env["SLURM_CONF"] = str(state / "cluster/slurm.conf")
     yield env
@@ -57,14 +58,17 @@ def cluster(tmp_path_factory):
 def sbatch(cluster, cwd, *args, env=None) -> str:
     env = {**cluster, "PYTHON": sys.executable, "PIPELINE_ROOT": str(REPO), **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run(["sbatch", "--parsable", *map(str, args)], capture_output=True, text=True, timeout=30,
-                          env=env, cwd=cwd)  # fmt: skip
+    done = subprocess.run(
+        ["sbatch", "--parsable", *map(str, args)], capture_output=True, text=True, timeout=30, env=env, cwd=cwd
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().split(";")[0]
 
 
 def job_state(cluster, job: str) -> dict:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=10, env=cluster)
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job], capture_output=True, text=True, timeout=10, env=cluster
+    )
     return dict(f.split("=", 1) for f in out.stdout.split() if "=" in f)
 
 
@@ -81,8 +85,12 @@ def wait_job(cluster, job: str, timeout_s: float) -> dict:
 
 
 def overrides(mnist_shards, tmp_path):
-    return ["configs/mnist32.yaml", *train_overrides(mnist_shards, tmp_path, "train.device=cpu", f"train.steps={STEPS}",
-            "train.checkpoint_every=10")]  # fmt: skip
+    return [
+        "configs/mnist32.yaml",
+        *train_overrides(
+            mnist_shards, tmp_path, "train.device=cpu", f"train.steps={STEPS}", "train.checkpoint_every=10"
+        ),
+    ]
 
 
 def mlflow_run(run_root: Path):
@@ -98,7 +106,9 @@ def mlflow_run(run_root: Path):
 def straight(cluster, mnist_shards, tmp_path_factory):
     """An uninterrupted 2-node x 2-task run."""
     tmp = tmp_path_factory.mktemp("straight")
-    job = sbatch(cluster, tmp, "--nodes", 2, "--ntasks-per-node", 2, REPO / "slurm/train.sbatch", *overrides(mnist_shards, tmp))
+    job = sbatch(
+        cluster, tmp, "--nodes", 2, "--ntasks-per-node", 2, REPO / "slurm/train.sbatch", *overrides(mnist_shards, tmp)
+    )
     state = wait_job(cluster, job, 300)
     log = (tmp / f"dcgan-{job}.log").read_text()
     assert state["JobState"] == "COMPLETED", log[-4000:]
@@ -120,12 +130,22 @@ def test_sbatch_two_nodes_maps_ranks_trains_checkpoints_and_tracks(straight):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_D")] == list(range(1, STEPS + 1))
 
 
-def test_preempted_job_checkpoints_requeues_resumes_and_matches_the_straight_run(cluster, straight, mnist_shards, tmp_path):
+def test_preempted_job_checkpoints_requeues_resumes_and_matches_the_straight_run(
+    cluster, straight, mnist_shards, tmp_path
+):
     """The time-limit path: SIGUSR1 to every task (what --signal=USR1@180 sends), then the
     script requeues; the requeued job resumes the same run folder and MLflow run."""
     timeline = {"submit": time.monotonic()}
-    job = sbatch(cluster, tmp_path, "--nodes", 2, "--ntasks-per-node", 2, REPO / "slurm/train.sbatch",
-                 *overrides(mnist_shards, tmp_path))  # fmt: skip
+    job = sbatch(
+        cluster,
+        tmp_path,
+        "--nodes",
+        2,
+        "--ntasks-per-node",
+        2,
+        REPO / "slurm/train.sbatch",
+        *overrides(mnist_shards, tmp_path),
+    )
     metrics = tmp_path / "runs" / f"dcgan-{job}" / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
@@ -169,15 +189,28 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches_the_straight_run
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_D")] == list(range(1, STEPS + 1))
     start = timeline["submit"]
-    print("slurm timeline (s after submit):", json.dumps({k: round(v - start, 1) for k, v in timeline.items()}),
-          f"signal at step {stopped_at}")  # fmt: skip
+    print(
+        "slurm timeline (s after submit):",
+        json.dumps({k: round(v - start, 1) for k, v in timeline.items()}),
+        f"signal at step {stopped_at}",
+    )
 
 
-@pytest.mark.parametrize("layout, env, message", [
-    (["--nodes", 2, "--ntasks", 3, "--ntasks-per-node", 2], {}, "Slurm gave 3 tasks on 2 nodes: use --ntasks-per-node"),
-    (["--nodes", 2, "--ntasks-per-node", 1], {"PIPELINE_EXPECT_NODES": "3"},
-     "the job expects 3 nodes (PIPELINE_EXPECT_NODES) but the allocation has 2"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "layout, env, message",
+    [
+        (
+            ["--nodes", 2, "--ntasks", 3, "--ntasks-per-node", 2],
+            {},
+            "Slurm gave 3 tasks on 2 nodes: use --ntasks-per-node",
+        ),
+        (
+            ["--nodes", 2, "--ntasks-per-node", 1],
+            {"PIPELINE_EXPECT_NODES": "3"},
+            "the job expects 3 nodes (PIPELINE_EXPECT_NODES) but the allocation has 2",
+        ),
+    ],
+)
 def test_a_wrong_allocation_fails_before_training(cluster, mnist_shards, tmp_path, layout, env, message):
     job = sbatch(cluster, tmp_path, *layout, REPO / "slurm/train.sbatch", *overrides(mnist_shards, tmp_path), env=env)
     state = wait_job(cluster, job, 180)
@@ -191,7 +224,9 @@ def test_sweep_array_runs_one_training_per_line(cluster, mnist_shards, tmp_path)
     sweep = tmp_path / "sweep.txt"
     sweep.write_text("# two runs\nseed=1 train.steps=2\n\nseed=2 train.steps=3\n")
     args = ["configs/mnist32.yaml", str(sweep), *train_overrides(mnist_shards, tmp_path, "train.device=cpu")]
-    job = sbatch(cluster, tmp_path, "--array=0-1", "--nodes", 1, "--ntasks-per-node", 1, REPO / "slurm/sweep.sbatch", *args)
+    job = sbatch(
+        cluster, tmp_path, "--array=0-1", "--nodes", 1, "--ntasks-per-node", 1, REPO / "slurm/sweep.sbatch", *args
+    )
     for task, steps in ((0, 2), (1, 3)):
         state = wait_job(cluster, f"{job}_{task}", 300)
         log = (tmp_path / f"dcgan-sweep-{job}_{task}.log").read_text()

@@ -6,7 +6,6 @@ import sys
 import time
 
 import pytest
-
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
@@ -15,8 +14,14 @@ from tests.conftest import REPO, child_env, run_cli, train_overrides
 
 
 def train(shards, tmp_path, *extra, env=None, timeout=300):
-    result = run_cli("train", "--config", REPO / "configs/mnist32.yaml",
-                     *train_overrides(shards, tmp_path, *extra), env=env, timeout=timeout)  # fmt: skip
+    result = run_cli(
+        "train",
+        "--config",
+        REPO / "configs/mnist32.yaml",
+        *train_overrides(shards, tmp_path, *extra),
+        env=env,
+        timeout=timeout,
+    )
     return result, (json.loads(result.stdout.strip().splitlines()[-1]) if result.returncode == 0 else None)
 
 
@@ -29,8 +34,15 @@ def steps_of(client, run_id, key="loss_D"):
 
 
 def test_embedded_sqlite_run_has_params_metrics_images_and_artifacts(mnist_shards, tmp_path):
-    result, summary = train(mnist_shards, tmp_path, "train.steps=6", "train.sample_every=3", "train.log_every=2",
-                            "train.run_name=r1", "tracking.tags={team: gan}")  # fmt: skip
+    result, summary = train(
+        mnist_shards,
+        tmp_path,
+        "train.steps=6",
+        "train.sample_every=3",
+        "train.log_every=2",
+        "train.run_name=r1",
+        "tracking.tags={team: gan}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = sqlite_client(tmp_path)
     run = client.get_run(summary["mlflow_run_id"])
@@ -52,8 +64,13 @@ def test_embedded_sqlite_run_has_params_metrics_images_and_artifacts(mnist_shard
 def test_resume_continues_the_same_run(mnist_shards, tmp_path):
     first, summary1 = train(mnist_shards, tmp_path, "train.steps=3", "train.run_name=r")
     assert first.returncode == 0, first.stderr[-3000:]
-    result = run_cli("train", *train_overrides(mnist_shards, tmp_path, "train.steps=6", "train.run_name=r"),
-                     "--resume", "auto", timeout=300)  # fmt: skip
+    result = run_cli(
+        "train",
+        *train_overrides(mnist_shards, tmp_path, "train.steps=6", "train.run_name=r"),
+        "--resume",
+        "auto",
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary2 = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary2["mlflow_run_id"] == summary1["mlflow_run_id"]
@@ -65,8 +82,15 @@ def test_resume_continues_the_same_run(mnist_shards, tmp_path):
 
 
 def test_failed_run_is_marked_failed_with_the_error(mnist_shards, tmp_path):
-    result, _ = train(mnist_shards, tmp_path, "train.d_optim.lr=1e30", "train.g_optim.lr=1e30", "train.steps=50",
-                      "train.max_nonfinite_steps=2", "train.run_name=bad")  # fmt: skip
+    result, _ = train(
+        mnist_shards,
+        tmp_path,
+        "train.d_optim.lr=1e30",
+        "train.g_optim.lr=1e30",
+        "train.steps=50",
+        "train.max_nonfinite_steps=2",
+        "train.run_name=bad",
+    )
     assert result.returncode == 3
     client = sqlite_client(tmp_path)
     [run] = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id])
@@ -80,8 +104,14 @@ def test_bad_uri_is_a_clear_error_before_training(mnist_shards, tmp_path):
     result, _ = train(mnist_shards, tmp_path, "tracking.uri=ftp://host/x")
     assert result.returncode == 2 and "unsupported scheme 'ftp'" in result.stderr
     # tracking can be switched off: then the bad URI is never contacted
-    result, _ = train(mnist_shards, tmp_path, "tracking.uri=http://127.0.0.1:9", "tracking.enabled=false",
-                      "train.steps=1", "train.run_name=off")  # fmt: skip
+    result, _ = train(
+        mnist_shards,
+        tmp_path,
+        "tracking.uri=http://127.0.0.1:9",
+        "tracking.enabled=false",
+        "train.steps=1",
+        "train.run_name=off",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert not (tmp_path / "runs" / "mlflow.db").exists()
     # MLFLOW_TRACKING_URI wins over the config, as MLflow users expect
@@ -92,9 +122,17 @@ def test_bad_uri_is_a_clear_error_before_training(mnist_shards, tmp_path):
 def test_secrets_never_reach_params_or_tags(mnist_shards, tmp_path):
     assert redact_uri("https://alice:hunter2@host:5000/path?token=abc") == "https://host:5000/path"
     assert safe_params({"db_password": "x", "api_token": "y", "uri": "postgresql://u:p@h/db"}) == {
-        "db_password": "***", "api_token": "***", "uri": "postgresql://h/db"}
-    result, summary = train(mnist_shards, tmp_path, "train.steps=1", "train.run_name=s",
-                            "tracking.tags={api_token: hunter2, note: 'see https://bob:hunter2@example.org/x'}")  # fmt: skip
+        "db_password": "***",
+        "api_token": "***",
+        "uri": "postgresql://h/db",
+    }
+    result, summary = train(
+        mnist_shards,
+        tmp_path,
+        "train.steps=1",
+        "train.run_name=s",
+        "tracking.tags={api_token: hunter2, note: 'see https://bob:hunter2@example.org/x'}",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     run = sqlite_client(tmp_path).get_run(summary["mlflow_run_id"])
     assert not any("hunter2" in v for v in [*run.data.params.values(), *run.data.tags.values()])
@@ -103,12 +141,27 @@ def test_secrets_never_reach_params_or_tags(mnist_shards, tmp_path):
 def test_real_server_outage_mid_run_loses_no_metric(mnist_shards, tmp_path, mlflow_server):
     steps = 300
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "train", *train_overrides(
-            mnist_shards, tmp_path, f"train.steps={steps}", "train.run_name=o", "train.checkpoint_every=100000",
-            "tracking.flush_every_s=0.5", "tracking.flush_timeout_s=120")],
-        cwd=REPO, env=child_env({"MLFLOW_TRACKING_URI": mlflow_server.url}), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            *train_overrides(
+                mnist_shards,
+                tmp_path,
+                f"train.steps={steps}",
+                "train.run_name=o",
+                "train.checkpoint_every=100000",
+                "tracking.flush_every_s=0.5",
+                "tracking.flush_timeout_s=120",
+            ),
+        ],
+        cwd=REPO,
+        env=child_env({"MLFLOW_TRACKING_URI": mlflow_server.url}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics_file = tmp_path / "runs" / "o" / "metrics.jsonl"
     lines = lambda: len(metrics_file.read_text().splitlines()) if metrics_file.exists() else 0  # noqa: E731
     deadline = time.time() + 120
@@ -130,11 +183,21 @@ def test_real_server_outage_mid_run_loses_no_metric(mnist_shards, tmp_path, mlfl
 
 def test_end_of_run_waits_a_bounded_time_when_the_server_stays_down(mnist_shards, tmp_path, mlflow_server):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "train", *train_overrides(
-            mnist_shards, tmp_path, "train.steps=200", "train.run_name=d", "tracking.flush_timeout_s=3")],
-        cwd=REPO, env=child_env({"MLFLOW_TRACKING_URI": mlflow_server.url}), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "train",
+            *train_overrides(
+                mnist_shards, tmp_path, "train.steps=200", "train.run_name=d", "tracking.flush_timeout_s=3"
+            ),
+        ],
+        cwd=REPO,
+        env=child_env({"MLFLOW_TRACKING_URI": mlflow_server.url}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics_file = tmp_path / "runs" / "d" / "metrics.jsonl"
     deadline = time.time() + 120
     while not metrics_file.exists() and time.time() < deadline:
@@ -155,5 +218,7 @@ def test_store_that_is_not_a_database_is_a_clear_error(tmp_path):
 
     (tmp_path / "mlflow.db").write_bytes(b"not a database" * 400)
     config = load_config(None, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]).tracking
-    with pytest.raises(UserError, match=f"tracking store sqlite:///{tmp_path}/mlflow.db did not answer .*DatabaseError"):
+    with pytest.raises(
+        UserError, match=f"tracking store sqlite:///{tmp_path}/mlflow.db did not answer .*DatabaseError"
+    ):
         MlflowTracker(config, tmp_path)

@@ -34,7 +34,7 @@ def test_building_a_trainer_has_no_process_wide_effects(dist_single, mnist_shard
     second = make_trainer(dist_single, mnist_shards, tmp_path / "b")
     assert torch.equal(torch.get_rng_state(), before[0])
     assert logger.handlers == before[1] and signal.getsignal(signal.SIGTERM) == before[2]
-    for a, b in zip(first.g_engine.module.parameters(), second.g_engine.module.parameters()):
+    for a, b in zip(first.g_engine.module.parameters(), second.g_engine.module.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -56,10 +56,10 @@ def test_g_step_leaves_d_frozen_and_unchanged(dist_single, mnist_shards, tmp_pat
     trainer = make_trainer(dist_single, mnist_shards, tmp_path)
     d_before, g_before = params(trainer.d_engine.module), params(trainer.g_engine.module)
     trainer.g_step(16)
-    assert all(torch.equal(a, b) for a, b in zip(d_before, params(trainer.d_engine.module)))
+    assert all(torch.equal(a, b) for a, b in zip(d_before, params(trainer.d_engine.module), strict=True))
     assert all(p.grad is None or not p.grad.any() for p in trainer.d_engine.module.parameters())
     assert all(p.requires_grad for p in trainer.d_engine.module.parameters())  # unfrozen again
-    assert not all(torch.equal(a, b) for a, b in zip(g_before, params(trainer.g_engine.module)))
+    assert not all(torch.equal(a, b) for a, b in zip(g_before, params(trainer.g_engine.module), strict=True))
 
 
 def test_d_update_is_plain_adam_on_the_d_loss_alone(dist_single, mnist_shards, tmp_path):
@@ -82,7 +82,7 @@ def test_d_update_is_plain_adam_on_the_d_loss_alone(dist_single, mnist_shards, t
     loss.backward()
     grad_norm = torch.stack([p.grad.norm() for p in reference_d.parameters()]).norm()
     optim.step()
-    for got, want in zip(trainer.d_engine.module.parameters(), reference_d.parameters()):
+    for got, want in zip(trainer.d_engine.module.parameters(), reference_d.parameters(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert grad_norm > 0
 
@@ -133,12 +133,15 @@ def test_same_seed_same_losses(dist_single, mnist_shards, tmp_path):
     assert other.train_step(other.loader.forever())["loss_D"] != runs[0][0][0]
 
 
-@pytest.mark.parametrize("extra", [
-    ["loss.kind=hinge", "deepspeed.gradient_accumulation=2"],
-    ["loss.kind=wgan-gp", "loss.n_critic=2", "model.d_norm=none"],
-    ["model.d_norm=spectral", "deepspeed.zero_stage=1"],
-    ["deepspeed.zero_stage=2", "train.ema=false"],
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["loss.kind=hinge", "deepspeed.gradient_accumulation=2"],
+        ["loss.kind=wgan-gp", "loss.n_critic=2", "model.d_norm=none"],
+        ["model.d_norm=spectral", "deepspeed.zero_stage=1"],
+        ["deepspeed.zero_stage=2", "train.ema=false"],
+    ],
+)
 def test_objectives_and_engine_options_train(dist_single, mnist_shards, tmp_path, extra):
     trainer = make_trainer(dist_single, mnist_shards, tmp_path, *extra)
     batches = trainer.loader.forever()
@@ -147,11 +150,13 @@ def test_objectives_and_engine_options_train(dist_single, mnist_shards, tmp_path
         metrics = trainer.train_step(batches)
     assert torch.isfinite(torch.tensor([metrics["loss_D"], metrics["loss_G"]])).all()
     assert metrics["grad_norm_D"] > 0 and metrics["grad_norm_G"] > 0
-    assert not all(torch.equal(a, b) for a, b in zip(g_before, params(trainer.g_engine.module)))
+    assert not all(torch.equal(a, b) for a, b in zip(g_before, params(trainer.g_engine.module), strict=True))
     config = trainer.config
     consumed = 2 * config.loss.n_critic * config.deepspeed.gradient_accumulation
     assert trainer.loader.batches_consumed == consumed
-    assert trainer.d_engine.engine.global_steps == 2 * config.loss.n_critic and trainer.g_engine.engine.global_steps == 2
+    assert (
+        trainer.d_engine.engine.global_steps == 2 * config.loss.n_critic and trainer.g_engine.engine.global_steps == 2
+    )
 
 
 def test_shape_mismatch_between_data_and_model(dist_single, mnist_shards, tmp_path):
@@ -167,8 +172,19 @@ def test_cli_run_writes_run_dir_and_sample_command_reads_it(mnist_shards, tmp_pa
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    for key in ("loss_D", "loss_G", "D_x", "D_G_z", "grad_norm_D", "grad_norm_G", "lr_D", "images_per_s",
-                "data_wait_share", "skipped_steps_D", "corrupt_samples"):  # fmt: skip
+    for key in (
+        "loss_D",
+        "loss_G",
+        "D_x",
+        "D_G_z",
+        "grad_norm_D",
+        "grad_norm_G",
+        "lr_D",
+        "images_per_s",
+        "data_wait_share",
+        "skipped_steps_D",
+        "corrupt_samples",
+    ):
         assert key in records[-1]
     assert "step 4/4" in (run_dir / "train.log").read_text()
     assert load_config(run_dir / "config.yaml").data.batch_per_rank == 16
@@ -185,8 +201,14 @@ def test_cli_run_writes_run_dir_and_sample_command_reads_it(mnist_shards, tmp_pa
 
 
 def test_divergence_stops_after_k_nonfinite_steps(mnist_shards, tmp_path):
-    overrides = train_overrides(mnist_shards, tmp_path, "train.d_optim.lr=1e30", "train.g_optim.lr=1e30",
-                                "train.steps=50", "train.max_nonfinite_steps=3")  # fmt: skip
+    overrides = train_overrides(
+        mnist_shards,
+        tmp_path,
+        "train.d_optim.lr=1e30",
+        "train.g_optim.lr=1e30",
+        "train.steps=50",
+        "train.max_nonfinite_steps=3",
+    )
     result = run_cli("train", *overrides, timeout=300)
     assert result.returncode == 3, result.stderr[-2000:]
     assert "losses non-finite for 3 consecutive steps" in result.stderr and "Traceback" not in result.stderr
@@ -194,8 +216,10 @@ def test_divergence_stops_after_k_nonfinite_steps(mnist_shards, tmp_path):
 
 
 def test_sample_refuses_a_missing_or_foreign_file(tmp_path):
-    assert "checkpoint not found" in run_cli("sample", "--checkpoint", tmp_path / "no.pt", "--out", tmp_path / "x.png").stderr
+    assert (
+        "checkpoint not found"
+        in run_cli("sample", "--checkpoint", tmp_path / "no.pt", "--out", tmp_path / "x.png").stderr
+    )
     torch.save({"anything": 1}, tmp_path / "other.pt")
     result = run_cli("sample", "--checkpoint", tmp_path / "other.pt", "--out", tmp_path / "x.png")
     assert result.returncode == 2 and "not a gan-pipeline generator export" in result.stderr
-

@@ -20,8 +20,19 @@ def test_two_ranks_identical_gradients_and_weights(warm_ops, mnist_shards, tmp_p
     """The launcher's script form under deepspeed (it passes --local_rank). torchrun runs the
     same training in the next test, which holds its losses equal to deepspeed's step by step."""
     out = tmp_path / "evidence.json"
-    result = run([DEEPSPEED, "--num_gpus", "2", "--master_port", free_port(), "tests/dist_train_job.py", out,
-                  *train_overrides(mnist_shards, tmp_path)], timeout=300)  # fmt: skip
+    result = run(
+        [
+            DEEPSPEED,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            free_port(),
+            "tests/dist_train_job.py",
+            out,
+            *train_overrides(mnist_shards, tmp_path),
+        ],
+        timeout=300,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     evidence = json.loads(out.read_text())
     assert evidence["world_size"] == 2 and evidence["launcher"] == "deepspeed"
@@ -48,8 +59,9 @@ def test_torchrun_and_deepspeed_module_cli_give_identical_runs(warm_ops, mnist_s
     losses = []
     for name, launcher in launchers.items():
         overrides = train_overrides(mnist_shards, tmp_path, "train.steps=3", f"train.run_name={name}")
-        result = run([*launcher, "pipeline", "train", "--config", REPO / "configs/mnist32.yaml", *overrides],
-                     timeout=300)  # fmt: skip
+        result = run(
+            [*launcher, "pipeline", "train", "--config", REPO / "configs/mnist32.yaml", *overrides], timeout=300
+        )
         assert result.returncode == 0, result.stderr[-4000:]
         records = [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
         assert f"launcher={name} world_size=2" in (tmp_path / "runs" / name / "train.log").read_text()

@@ -35,8 +35,9 @@ import itertools
 import logging
 import math
 import signal
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -155,7 +156,6 @@ class _EpochDataset(IterableDataset):
         labels = torch.tensor([s[1] for s in samples]) if samples[0][1] is not None else None
         return Batch(images, labels, [s[2] for s in samples], n_bad)
 
-
     def _first_good_sample(self):
         """For a batch with no good sample at all (say, inside a truncated shard): the rank's first
         decodable sample of the epoch, so the choice does not depend on the worker count."""
@@ -163,7 +163,9 @@ class _EpochDataset(IterableDataset):
             cursors: dict[int, _ShardCursor] = {}
             for shard, index in self._plan.reshape(-1, 2).tolist():
                 if shard not in cursors or index < cursors[shard].next_index:
-                    cursors[shard] = _ShardCursor(self.urls[shard], set(self._plan[..., 1][self._plan[..., 0] == shard].tolist()))
+                    cursors[shard] = _ShardCursor(
+                        self.urls[shard], set(self._plan[..., 1][self._plan[..., 0] == shard].tolist())
+                    )
                 key, files = cursors[shard].read(index)
                 try:
                     if not isinstance(files, BadSample):
@@ -219,9 +221,15 @@ class ShardedLoader:
             verify_shards(entries)
         self.urls = [e.url for e in entries]
         self.layout = EpochLayout(
-            tuple(e.count for e in entries), world_size, rank, config.batch_per_rank, seed,
-            config.shuffle, config.shuffle_window, config.epoch_remainder,
-        )  # fmt: skip
+            tuple(e.count for e in entries),
+            world_size,
+            rank,
+            config.batch_per_rank,
+            seed,
+            config.shuffle,
+            config.shuffle_window,
+            config.epoch_remainder,
+        )
         if self.layout.total == 0:
             raise UserError(f"{config.shards}: the shards hold no samples")
         if self.layout.batches_per_epoch == 0:

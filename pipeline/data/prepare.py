@@ -13,6 +13,7 @@ previous complete dataset or no manifest, never a manifest naming partial shards
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import hashlib
 import io
@@ -135,10 +136,8 @@ def _worker_init(parent_pid: int) -> None:
     with it: a parent killed outright (SIGKILL) must not leave workers waiting forever."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the parent-pid check below still applies
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os._exit(1)
 
@@ -185,7 +184,8 @@ class ShardWriter:
     def write(self, key: str, image: bytes, label: int | None) -> None:
         if self._tar is None:
             name = f"{self.split}-{len(self.shards):06d}.tar"
-            self._tar = tarfile.open(self.folder / name, "w", format=tarfile.USTAR_FORMAT)
+            # Open across write() calls until the shard is full; _close_current closes it.
+            self._tar = tarfile.open(self.folder / name, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
             self.shards.append({"name": name, "count": 0})
         self._add_member(f"{key}.{self.ext}", image)
         if label is not None:
@@ -290,11 +290,14 @@ def prepare(
     # A futures pool with a bounded window of chunks in flight, not multiprocessing.Pool:
     # Pool.terminate() can deadlock when it kills a worker holding the task-queue lock, so an
     # interrupt could hang; here shutdown only waits for the few chunks already running.
-    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_worker_init, initargs=(os.getpid(),))  # fmt: skip
+    executor = ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init, initargs=(os.getpid(),)
+    )
     try:
         with tqdm(total=len(items), unit="img", desc="prepare", disable=not progress, mininterval=1.0) as bar:
-            in_flight = collections.deque(executor.submit(_process_chunk, c) for c in itertools.islice(chunks, 2 * workers))
+            in_flight = collections.deque(
+                executor.submit(_process_chunk, c) for c in itertools.islice(chunks, 2 * workers)
+            )
             while in_flight:
                 results = in_flight.popleft().result()  # in order: reproducible shard contents
                 stop.check()

@@ -13,8 +13,8 @@ import logging
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 from urllib.parse import urlparse
 
 import braceexpand
@@ -35,9 +35,7 @@ def scheme_of(url: str) -> str:
 def check_allowed(url: str, allow_pipe: bool) -> None:
     scheme = scheme_of(url)
     if scheme == "pipe" and not allow_pipe:
-        raise UserError(
-            f"shard URL {url!r} runs a shell command; refused unless the config sets data.allow_pipe: true"
-        )
+        raise UserError(f"shard URL {url!r} runs a shell command; refused unless the config sets data.allow_pipe: true")
     if scheme not in ("", "file", "pipe", *REMOTE_SCHEMES):
         raise UserError(f"shard URL {url!r}: unsupported scheme {scheme!r} (use a path, file:, http(s): or pipe:)")
 

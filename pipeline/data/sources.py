@@ -14,9 +14,10 @@ import pickle
 import struct
 import tarfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -90,13 +91,9 @@ def _labelled(paths: list[str], use_labels: bool) -> tuple[list[int | None], lis
 
 
 def _image_folder(root: Path, use_labels: bool) -> Source:
-    rel = sorted(
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*")
-        if is_image_name(p) and p.is_file()
-    )
+    rel = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if is_image_name(p) and p.is_file())
     labels, names = _labelled(rel, use_labels)
-    items = [Item(i, r, root / r, lab) for i, (r, lab) in enumerate(zip(rel, labels))]
+    items = [Item(i, r, root / r, lab) for i, (r, lab) in enumerate(zip(rel, labels, strict=True))]
     return Source(str(root), "image_folder", items, names)
 
 
@@ -106,12 +103,10 @@ def _image_zip(path: Path, use_labels: bool) -> Source:
     except zipfile.BadZipFile as exc:
         raise UserError(f"source {path}: not a readable zip file ({exc})") from None
     with archive:
-        names = sorted(
-            n for n in archive.namelist() if not n.endswith("/") and is_image_name(n)
-        )
+        names = sorted(n for n in archive.namelist() if not n.endswith("/") and is_image_name(n))
         labels, classes = _labelled(names, use_labels)
         items = []
-        for i, (name, lab) in enumerate(zip(names, labels)):
+        for i, (name, lab) in enumerate(zip(names, labels, strict=True)):
             try:
                 payload = archive.read(name)
             except (zipfile.BadZipFile, OSError, EOFError) as exc:  # a damaged member is a reject, not a crash
@@ -201,7 +196,11 @@ def _npz(path: Path, use_labels: bool) -> Source:
         if key is None:
             raise UserError(f"{path}: no image array (NHW or NHWC) among {arrays.files}")
         images = arrays[key]
-        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] not in (1, 3, 4)):
+        if (
+            images.dtype != np.uint8
+            or images.ndim not in (3, 4)
+            or (images.ndim == 4 and images.shape[3] not in (1, 3, 4))
+        ):
             raise UserError(
                 f"{path}: array {key!r} has dtype {images.dtype} and shape {images.shape}; "
                 "expected uint8 NHW or NHWC with C in 1, 3, 4"
@@ -224,12 +223,14 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     """CIFAR-10's python batches are pickles. Allow only what rebuilds numpy arrays, so a
     crafted file cannot run code (pickle's find_class is the only way to reach callables)."""
 
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-    }
+    ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:

@@ -50,8 +50,12 @@ def run_eval(args) -> int:
         else:
             evaluator = FidEvaluator(config, info.device, config.train.progress)
             result = evaluator(generator.to(info.device))
-            result = {"checkpoint": str(resolve_source(args.checkpoint)), "step": payload["step"],
-                      "ema": payload["ema"], **result}  # fmt: skip
+            result = {
+                "checkpoint": str(resolve_source(args.checkpoint)),
+                "step": payload["step"],
+                "ema": payload["ema"],
+                **result,
+            }
         result["world_size"] = info.world_size
         if info.is_main:
             text = json.dumps(result)

@@ -18,9 +18,9 @@ import logging
 import math
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -29,11 +29,17 @@ from tqdm import tqdm
 from pipeline.data.decode import IMAGE_EXTENSIONS, BadSample, decode_sample, is_image_name, open_image
 from pipeline.data.shards import iter_samples, resolve_shards
 from pipeline.errors import UserError
-from pipeline.files import write_bytes_atomic, write_json_atomic
 from pipeline.evaluation.inception import PROTOCOL, InceptionFeatures
-from pipeline.evaluation.stats import (FeatureStats, all_gather_rows, broadcast_object, broadcast_tensor, frechet_distance,
-                                       kid)  # fmt: skip
+from pipeline.evaluation.stats import (
+    FeatureStats,
+    all_gather_rows,
+    broadcast_object,
+    broadcast_tensor,
+    frechet_distance,
+    kid,
+)
 from pipeline.export import generate
+from pipeline.files import write_bytes_atomic, write_json_atomic
 from pipeline.images import to_uint8
 
 log = logging.getLogger("pipeline.evaluation")
@@ -64,8 +70,15 @@ def _kid_rows(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:KID_MAX_ROWS].sort().values
 
 
-def _extract(extractor: InceptionFeatures, batches: Iterator[tuple[torch.Tensor, list[torch.Tensor]]], n: int,
-             describe: dict, seed: int, label: str, progress: bool) -> SetStats:  # fmt: skip
+def _extract(
+    extractor: InceptionFeatures,
+    batches: Iterator[tuple[torch.Tensor, list[torch.Tensor]]],
+    n: int,
+    describe: dict,
+    seed: int,
+    label: str,
+    progress: bool,
+) -> SetStats:
     """Collective. `batches` yields (global indices, uint8 NHWC images, possibly of several sizes)."""
     rank, _ = _rank_world()
     stats, kept_rows, kept_order = FeatureStats(device=extractor.device), [], []
@@ -81,8 +94,10 @@ def _extract(extractor: InceptionFeatures, batches: Iterator[tuple[torch.Tensor,
             kept_order.append(indices[mask])
             bar.update(len(indices) * _rank_world()[1])
     stats.reduce()
-    rows = all_gather_rows(torch.cat(kept_rows) if kept_rows else torch.zeros(0, 2048),
-                           torch.cat(kept_order) if kept_order else torch.zeros(0, dtype=torch.long))  # fmt: skip
+    rows = all_gather_rows(
+        torch.cat(kept_rows) if kept_rows else torch.zeros(0, 2048),
+        torch.cat(kept_order) if kept_order else torch.zeros(0, dtype=torch.long),
+    )
     mu, sigma = stats.mean_cov()
     seconds = time.perf_counter() - started
     if rank == 0:
@@ -112,7 +127,6 @@ def _rank_range(n: int) -> range:
 def _shard_batches(urls_counts: list[tuple[str, int]], wanted: range, batch_size: int):
     """This rank's contiguous range of the first n samples, in dataset order, decoded.
     A sample that does not decode is skipped with a warning (and is missing from n)."""
-
 
     indices, images, offset = [], [], 0
     for url, count in urls_counts:
@@ -172,8 +186,9 @@ class ReferenceSource:
         self.urls_counts = [(e.url, e.count) for e in entries]
         self.total = sum(c for _, c in self.urls_counts)
         self.manifest = manifest
-        self.identity = manifest["_hash"] if manifest else hashlib.sha256(
-            json.dumps(self.urls_counts).encode()).hexdigest()  # fmt: skip
+        self.identity = (
+            manifest["_hash"] if manifest else hashlib.sha256(json.dumps(self.urls_counts).encode()).hexdigest()
+        )
         self.cache_root = Path(manifest["_path"]).parent / "fid_stats" if manifest else None
 
     def describe(self) -> dict:
@@ -189,8 +204,14 @@ class ReferenceSource:
 
 
 def cache_key(source: ReferenceSource, n: int, weights_sha256: str) -> str:
-    fields = {"dataset": source.identity, "split": source.split, "n": n, "weights": weights_sha256,
-              "protocol": PROTOCOL["name"], "kid_max_rows": KID_MAX_ROWS}  # fmt: skip
+    fields = {
+        "dataset": source.identity,
+        "split": source.split,
+        "n": n,
+        "weights": weights_sha256,
+        "protocol": PROTOCOL["name"],
+        "kid_max_rows": KID_MAX_ROWS,
+    }
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -222,14 +243,29 @@ def _write_cache(npz_path: Path, meta_path: Path, key: str, stats: SetStats) -> 
         np.savez(buffer, mu=stats.mu, sigma=stats.sigma, kid_features=stats.kid_features.numpy())
         raw = buffer.getvalue()
         write_bytes_atomic(npz_path, raw)
-        write_json_atomic(meta_path, {"key": key, "n": stats.n, "describe": stats.describe, "protocol": PROTOCOL,
-                                      "npz_sha256": hashlib.sha256(raw).hexdigest(), "created_unix": int(time.time())})  # fmt: skip
+        write_json_atomic(
+            meta_path,
+            {
+                "key": key,
+                "n": stats.n,
+                "describe": stats.describe,
+                "protocol": PROTOCOL,
+                "npz_sha256": hashlib.sha256(raw).hexdigest(),
+                "created_unix": int(time.time()),
+            },
+        )
     except OSError as exc:  # a read-only dataset folder: the statistics still serve this run
         log.warning("could not write the FID reference cache %s (%s)", npz_path, exc)
 
 
-def reference_stats(extractor: InceptionFeatures, source: ReferenceSource, n: int | None, batch_size: int,
-                    cache_dir: str | None = None, progress: bool = True) -> SetStats:  # fmt: skip
+def reference_stats(
+    extractor: InceptionFeatures,
+    source: ReferenceSource,
+    n: int | None,
+    batch_size: int,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> SetStats:
     """Collective. The first n (or all) images of the source; cached for prepared datasets."""
     rank, _ = _rank_world()
     if n is not None and n > source.total:
@@ -248,8 +284,15 @@ def reference_stats(extractor: InceptionFeatures, source: ReferenceSource, n: in
         sigma = broadcast_tensor(torch.from_numpy(cached.sigma) if rank == 0 else None).numpy()
         rows = broadcast_tensor(cached.kid_features if rank == 0 else None)
         return SetStats(header[0], mu, sigma, rows, header[1])
-    stats = _extract(extractor, source.batches(n, batch_size), n, source.describe(), seed=n,
-                     label=f"FID reference {Path(source.spec).name}", progress=progress)  # fmt: skip
+    stats = _extract(
+        extractor,
+        source.batches(n, batch_size),
+        n,
+        source.describe(),
+        seed=n,
+        label=f"FID reference {Path(source.spec).name}",
+        progress=progress,
+    )
     if rank == 0 and npz_path is not None:
         _write_cache(npz_path, meta_path, key, stats)
     return stats
@@ -268,28 +311,46 @@ def _generated_batches(generator: torch.nn.Module, n: int, batch_size: int, seed
         yield torch.arange(lo, hi), to_uint8(generate(generator, z))
 
 
-def generated_stats(extractor: InceptionFeatures, generator: torch.nn.Module, n: int, batch_size: int,
-                    seed: int, progress: bool = True) -> SetStats:  # fmt: skip
-    return _extract(extractor, _generated_batches(generator, n, batch_size, seed), n,
-                    {"source": "generator", "seed": seed}, seed=seed, label="FID generated", progress=progress)  # fmt: skip
+def generated_stats(
+    extractor: InceptionFeatures, generator: torch.nn.Module, n: int, batch_size: int, seed: int, progress: bool = True
+) -> SetStats:
+    return _extract(
+        extractor,
+        _generated_batches(generator, n, batch_size, seed),
+        n,
+        {"source": "generator", "seed": seed},
+        seed=seed,
+        label="FID generated",
+        progress=progress,
+    )
 
 
 # ------------------------------------------------------------------ distances
-def compare(generated: SetStats, reference: SetStats, extractor: InceptionFeatures, kid_subsets: int | None,
-            kid_subset_size: int, seed: int) -> dict:  # fmt: skip
+def compare(
+    generated: SetStats,
+    reference: SetStats,
+    extractor: InceptionFeatures,
+    kid_subsets: int | None,
+    kid_subset_size: int,
+    seed: int,
+) -> dict:
     """Collective. FID computed on rank 0 and broadcast (one value everywhere); KID over ranks."""
     rank, _ = _rank_world()
     fid = frechet_distance(generated.mu, generated.sigma, reference.mu, reference.sigma) if rank == 0 else None
     result = {"fid": broadcast_object(fid)}
     if kid_subsets:
-        result["kid"] = kid(generated.kid_features, reference.kid_features, kid_subsets, kid_subset_size, seed,
-                            device=extractor.device)  # fmt: skip
+        result["kid"] = kid(
+            generated.kid_features, reference.kid_features, kid_subsets, kid_subset_size, seed, device=extractor.device
+        )
         result["kid_subsets"] = kid_subsets
         result["kid_subset_size"] = min(kid_subset_size, len(generated.kid_features), len(reference.kid_features))
     return result | {
-        "n_generated": generated.n, "n_reference": reference.n, "generated": generated.describe,
-        "reference": reference.describe, "protocol": extractor.protocol,
-    }  # fmt: skip
+        "n_generated": generated.n,
+        "n_reference": reference.n,
+        "generated": generated.describe,
+        "reference": reference.describe,
+        "protocol": extractor.protocol,
+    }
 
 
 class FidEvaluator:
@@ -301,18 +362,22 @@ class FidEvaluator:
     def __init__(self, config, device: torch.device, progress: bool = True):
         self.eval, self.progress = config.eval, progress
         self.extractor = InceptionFeatures(device, self.eval.inception_weights, self.eval.allow_nonstandard_weights)
-        source = ReferenceSource(self.eval.reference or config.data.shards, self.eval.reference_split,
-                                 config.data.allow_pipe)  # fmt: skip
-        self.reference = reference_stats(self.extractor, source, self.eval.n_reference, self.eval.batch_size,
-                                         self.eval.cache_dir, progress)  # fmt: skip
+        source = ReferenceSource(
+            self.eval.reference or config.data.shards, self.eval.reference_split, config.data.allow_pipe
+        )
+        self.reference = reference_stats(
+            self.extractor, source, self.eval.n_reference, self.eval.batch_size, self.eval.cache_dir, progress
+        )
 
     def __call__(self, generator: torch.nn.Module, n_generated: int | None = None) -> dict:
         started = time.perf_counter()
         ev = self.eval
-        generated = generated_stats(self.extractor, generator, n_generated or ev.n_generated, ev.batch_size, ev.seed,
-                                    self.progress)  # fmt: skip
-        result = compare(generated, self.reference, self.extractor, ev.kid_subsets if ev.kid else None,
-                         ev.kid_subset_size, ev.seed)  # fmt: skip
+        generated = generated_stats(
+            self.extractor, generator, n_generated or ev.n_generated, ev.batch_size, ev.seed, self.progress
+        )
+        result = compare(
+            generated, self.reference, self.extractor, ev.kid_subsets if ev.kid else None, ev.kid_subset_size, ev.seed
+        )
         return result | {"seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -321,8 +386,17 @@ def compare_sets(a: str, b: str, config, device: torch.device, progress: bool = 
     ev = config.eval
     extractor = InceptionFeatures(device, ev.inception_weights, ev.allow_nonstandard_weights)
     started = time.perf_counter()
-    sets = [reference_stats(extractor, ReferenceSource(spec, ev.reference_split, config.data.allow_pipe),
-                            ev.n_reference, ev.batch_size, ev.cache_dir, progress) for spec in (a, b)]  # fmt: skip
+    sets = [
+        reference_stats(
+            extractor,
+            ReferenceSource(spec, ev.reference_split, config.data.allow_pipe),
+            ev.n_reference,
+            ev.batch_size,
+            ev.cache_dir,
+            progress,
+        )
+        for spec in (a, b)
+    ]
     result = compare(sets[0], sets[1], extractor, ev.kid_subsets if ev.kid else None, ev.kid_subset_size, ev.seed)
     result["n_a"], result["n_b"], result["a"], result["b"] = sets[0].n, sets[1].n, sets[0].describe, sets[1].describe
     for k in ("n_generated", "n_reference", "generated", "reference"):

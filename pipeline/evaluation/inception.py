@@ -163,7 +163,9 @@ class InceptionFeatures:
     def preprocess(images: torch.Tensor) -> torch.Tensor:
         """N x H x W x C uint8 -> N x 3 x 299 x 299 float32 in the graph's input range."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
-            raise ValueError(f"expected N x H x W x C uint8 images with C in (1, 3), got {tuple(images.shape)} {images.dtype}")
+            raise ValueError(
+                f"expected N x H x W x C uint8 images with C in (1, 3), got {tuple(images.shape)} {images.dtype}"
+            )
         x = images.permute(0, 3, 1, 2).float()
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)

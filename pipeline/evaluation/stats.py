@@ -47,8 +47,8 @@ def all_gather_rows(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         order_parts = [torch.empty_like(padded_order) for _ in counts]
         dist.all_gather(row_parts, padded_rows)
         dist.all_gather(order_parts, padded_order)
-        rows = torch.cat([p[: int(c)] for p, c in zip(row_parts, counts)]).cpu()
-        order = torch.cat([p[: int(c)] for p, c in zip(order_parts, counts)]).cpu()
+        rows = torch.cat([p[: int(c)] for p, c in zip(row_parts, counts, strict=True)]).cpu()
+        order = torch.cat([p[: int(c)] for p, c in zip(order_parts, counts, strict=True)]).cpu()
     return rows.cpu()[torch.argsort(order.cpu())]
 
 
@@ -88,10 +88,15 @@ class FeatureStats:
         self.total += f.sum(0)
         self.outer += f.T @ f
 
-    def reduce(self) -> "FeatureStats":
+    def reduce(self) -> FeatureStats:
         """Collective: sums over all ranks (float64), the same on every rank afterwards."""
-        packed = torch.cat([torch.tensor([float(self.n)], dtype=torch.float64, device=self.total.device),
-                            self.total, self.outer.flatten()])  # fmt: skip
+        packed = torch.cat(
+            [
+                torch.tensor([float(self.n)], dtype=torch.float64, device=self.total.device),
+                self.total,
+                self.outer.flatten(),
+            ]
+        )
         packed = all_reduce_sum(packed)
         self.n = int(packed[0].item())
         self.total = packed[1 : 1 + self.total.numel()].clone()
@@ -127,8 +132,14 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
-def kid_subset_sum(features_a: torch.Tensor, features_b: torch.Tensor, subsets: range, subset_size: int,
-                   seed: int, device: torch.device | str = "cpu") -> float:  # fmt: skip
+def kid_subset_sum(
+    features_a: torch.Tensor,
+    features_b: torch.Tensor,
+    subsets: range,
+    subset_size: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+) -> float:
     """Sum over the given subset indices of the unbiased MMD^2 with the kernel (x.y/d + 1)^3.
 
     Subset s draws its rows from a generator seeded with (seed, s), so any split of the subset
@@ -146,8 +157,14 @@ def kid_subset_sum(features_a: torch.Tensor, features_b: torch.Tensor, subsets: 
     return total
 
 
-def kid(features_a: torch.Tensor, features_b: torch.Tensor, subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0, device: torch.device | str = "cpu") -> float:  # fmt: skip
+def kid(
+    features_a: torch.Tensor,
+    features_b: torch.Tensor,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> float:
     """KID: the mean over `subsets` subsets. Collective when distributed: rank r computes the
     subsets r, r + W, ...; one all-reduce adds them up, so every rank returns the same value."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)

@@ -9,6 +9,7 @@ D returns raw logits (N,); the losses apply the sigmoid where they need it, stab
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -43,8 +44,12 @@ class Generator(nn.Module):
         self.latent_dim = latent_dim
         depth = _depth(resolution)
         widths = [width * 2 ** (depth - 1 - i) for i in range(depth)]  # 64px: 512, 256, 128, 64
-        layers = [nn.ConvTranspose2d(latent_dim, widths[0], 4, 1, 0, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(True)]
-        for c_in, c_out in zip(widths, widths[1:]):
+        layers = [
+            nn.ConvTranspose2d(latent_dim, widths[0], 4, 1, 0, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(True),
+        ]
+        for c_in, c_out in itertools.pairwise(widths):
             layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
         layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
@@ -63,7 +68,7 @@ class Discriminator(nn.Module):
         widths = [width * 2**i for i in range(depth)]  # 64px: 64, 128, 256, 512
         wrap = spectral_norm if norm == "spectral" else (lambda m: m)
         layers = [wrap(nn.Conv2d(channels, widths[0], 4, 2, 1, bias=False)), nn.LeakyReLU(0.2, True)]
-        for c_in, c_out in zip(widths, widths[1:]):
+        for c_in, c_out in itertools.pairwise(widths):
             layers.append(wrap(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False)))
             if norm == "batch":
                 layers.append(nn.BatchNorm2d(c_out))
