@@ -225,9 +225,10 @@ class Engine:
             raise UserError(f"checkpoint {folder.parent}: the {self.name.upper()} engine state did not load")
 
     def save_weights(self, path: Path) -> None:
-        """Rank 0: this network's weights as a plain fp32 state dict, readable with torch alone.
-        At ZeRO stages 0-2 every rank holds the full parameters (fp16/bf16 ones are cast up)."""
-        torch.save({k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}, path)
+        """Rank 0: this network's state dict, floating tensors in fp32 (fp16/bf16 ones are cast
+        up), readable with torch alone. At ZeRO stages 0-2 every rank holds the full parameters."""
+        state = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        torch.save({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, path)
 
 
 def state_files(folder: Path, rank: int) -> list[Path]:
