@@ -6,19 +6,18 @@ import functools
 import http.server
 import json
 import shutil
-import sys
 import threading
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run, run_cli, train_overrides
 from scipy import linalg
 
 from pipeline.errors import UserError
 from pipeline.evaluation import inception
 from pipeline.evaluation.fid import ReferenceSource, compare, reference_stats
 from pipeline.evaluation.stats import FeatureStats, frechet_distance, kid, kid_subset_sum
+from tests.conftest import REPO, TORCHRUN_2, run, run_cli, train_overrides
 
 
 def pytorch_fid_oracle(mu1, sigma1, mu2, sigma2, eps=1e-6):
@@ -108,12 +107,7 @@ def test_two_rank_reduction_equals_one_rank(tmp_path):
     """Uneven shares on 2 real gloo ranks: both ranks end with the 1-process statistics and FID."""
     result = run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN_2,
             REPO / "tests/dist_fid_job.py",
             tmp_path,
         ],
@@ -350,12 +344,7 @@ def test_standalone_eval_matches_training_on_one_and_two_ranks(fid_run):
     assert one["fid"] == pytest.approx(logged["fid"], rel=1e-6) and one["kid"] == pytest.approx(logged["kid"], rel=1e-6)
     multi = run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN_2,
             "-m",
             "pipeline",
             *args,

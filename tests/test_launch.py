@@ -10,9 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, child_env, run, run_cli, train_overrides
-
 from pipeline.dist import free_port
+from tests.conftest import REPO, child_env, run, run_cli, train_overrides
 
 sys.path.insert(0, str(REPO / "bench"))
 from rank_failure import rank_process

@@ -2,9 +2,8 @@
 
 import json
 import subprocess
-import sys
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TORCHRUN_2
 
 
 def test_two_gloo_ranks_stream_disjoint_equal_epochs(small_shards, tmp_path):
@@ -12,12 +11,7 @@ def test_two_gloo_ranks_stream_disjoint_equal_epochs(small_shards, tmp_path):
     out = tmp_path / "result.json"
     result = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN_2,
             "tests/dist_loader_job.py",
             str(shards),
             str(out),

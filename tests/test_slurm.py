@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, child_env, train_overrides
 
 from pipeline.dist import free_port
+from tests.conftest import REPO, child_env, train_overrides
 
 STEPS = 20
 

@@ -1,13 +1,12 @@
 """Training on 2 CPU ranks under the real launchers: deepspeed and torchrun (gloo)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.dist import free_port
-from tests.conftest import DEEPSPEED, REPO, run, train_overrides
+from tests.conftest import DEEPSPEED, REPO, TORCHRUN_2, run, train_overrides
 
 
 @pytest.fixture
@@ -53,7 +52,7 @@ def test_torchrun_and_deepspeed_module_cli_give_identical_runs(warm_ops, mnist_s
     main job), same seed and world size: identical per-step losses, launcher to launcher."""
     port = free_port()
     launchers = {
-        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m"],
+        "torchrun": [*TORCHRUN_2, "-m"],
         "deepspeed": [DEEPSPEED, "--num_gpus", "2", "--master_port", port, "--module"],
     }
     losses = []
