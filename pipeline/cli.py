@@ -15,8 +15,10 @@ import logging
 import os
 import sys
 import time
+import traceback
 
-from pipeline.errors import Preempted, UserError
+from pipeline.dist import ignore_exit_signals, process_group_exists, teardown
+from pipeline.errors import EXIT_INTERRUPTED, Preempted, UserError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -248,17 +250,40 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, whole_process: bool = False) -> int:
+    """Run one command and return its exit code: 0; a UserError's code (2, or 3 when training
+    diverged); 75 after a preemption checkpoint; 130 on Ctrl-C; 1 with a traceback for our
+    own bugs. Every path ends in the same teardown (pipeline.dist.teardown).
+
+    whole_process: this call is the process (the `pipeline` script, `python -m pipeline`), so
+    exit signals stay ignored until it ends, and a teardown stuck on a dead peer ends it."""
     args = build_parser().parse_args(argv)
     _setup_logging()
+    # A process group that exists already is the caller's (a test calling main in-process) to end.
+    ours = not process_group_exists()
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        code = exc.exit_code
     except Preempted as exc:
         print(f"stopped: {exc}", file=sys.stderr)
-        return exc.exit_code
+        code = exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = EXIT_INTERRUPTED
+    except Exception:  # a bug of ours: its traceback and exit 1, as Python would, after the teardown
+        traceback.print_exc()
+        code = 1
+    if whole_process:
+        ignore_exit_signals()
+    if ours and not teardown() and whole_process:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # a normal exit would wait on the stuck process group again
+    return code
+
+
+def entry() -> None:
+    """The process entry point: `pipeline ...` and `python -m pipeline ...`."""
+    raise SystemExit(main(whole_process=True))

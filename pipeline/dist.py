@@ -9,13 +9,19 @@ and MASTER_PORT; it reads no SLURM_* variable. `detect()` maps whatever launched
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 
 import torch
 
-from pipeline.errors import UserError
+from pipeline.errors import PREEMPTION_SIGNALS, UserError
+
+log = logging.getLogger("pipeline.dist")
+TEARDOWN_TIMEOUT_S = 20.0  # under the 30 s that Slurm (KillWait) and the launchers give before SIGKILL
 
 
 @dataclass(frozen=True)
@@ -153,3 +159,41 @@ def _check_port_free(port: str) -> None:
                     "process of an earlier run): free it or set MASTER_PORT to another port"
                 ) from None
             raise
+
+
+def ignore_exit_signals() -> None:
+    """Main thread, once the exit code is decided: preemption signals and Ctrl-C are ignored
+    until the process ends. At interpreter exit Python resets its own handlers to SIG_DFL (but
+    leaves SIG_IGN alone), so without this a second SIGTERM during the exit, as Slurm or the
+    deepspeed launcher send, turned exit 75 into 143 and Slurm did not requeue the job."""
+    for sig in (*PREEMPTION_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def process_group_exists() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def teardown(timeout_s: float = TEARDOWN_TIMEOUT_S) -> bool:
+    """Every rank, on every exit path: destroy the default process group if there is one,
+    waiting at most `timeout_s` (a dead or stuck peer must not hold the exit). A process that
+    exits with its process group alive could abort in gloo's threads at interpreter exit
+    ("terminate called without an active exception", SIGABRT, exit 134) instead of giving its
+    exit code. Returns False when the destroy did not finish in time."""
+    if not process_group_exists():
+        return True
+    done = threading.Event()
+
+    def destroy() -> None:
+        try:
+            torch.distributed.destroy_process_group()
+        except (RuntimeError, ValueError) as exc:  # a peer already gone: nothing left to release
+            log.warning("process group teardown: %s", exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=destroy, name="process-group-teardown", daemon=True).start()
+    if not done.wait(timeout_s):
+        log.warning("the process group did not shut down within %.0f s; exiting without it", timeout_s)
+        return False
+    return True

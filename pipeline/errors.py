@@ -1,4 +1,7 @@
-"""Errors that are the user's to fix: printed as one clear message, no traceback."""
+"""Errors that are the user's to fix (printed as one clear message, no traceback) and the
+exit codes the CLI promises."""
+
+import signal
 
 
 class UserError(Exception):
@@ -12,6 +15,8 @@ class ConfigError(UserError):
 
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpointed after a preemption signal, requeue me"
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what schedulers send before a kill
 
 
 class Preempted(Exception):

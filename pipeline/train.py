@@ -31,7 +31,7 @@ from pipeline.config import Config, config_to_yaml
 from pipeline.data.loader import ShardedLoader
 from pipeline.dist import DistInfo
 from pipeline.ema import EMA
-from pipeline.errors import EXIT_REQUEUE, Preempted, UserError
+from pipeline.errors import EXIT_REQUEUE, PREEMPTION_SIGNALS, Preempted, UserError
 from pipeline.export import generate, save_generator
 from pipeline.images import save_grid
 from pipeline.models.dcgan import Discriminator, Generator
@@ -42,9 +42,6 @@ from pipeline.versions import versions
 log = logging.getLogger("pipeline.train")
 GENERATOR_EXPORT = "generator.pt"
 FID_LOG = "fid.jsonl"
-
-
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class NonFiniteLoss(UserError):
@@ -66,8 +63,9 @@ class PreemptionFlag:
         self.signum = signum
 
     def install(self) -> PreemptionFlag:
-        """Kept for the rest of the process: a signal that lands while a preempted rank shuts
-        down (the deepspeed launcher SIGTERMs the survivors) must not kill it mid-exit."""
+        """Kept until the CLI's teardown, which then ignores these signals: a signal that
+        lands while a preempted rank shuts down (the deepspeed launcher SIGTERMs the
+        survivors) must not kill it mid-exit."""
         for sig in PREEMPTION_SIGNALS:
             signal.signal(sig, self)
         return self
@@ -519,7 +517,7 @@ def run_training(config: Config, config_name: str, resume: str = "none") -> int:
         trainer = Trainer(config, info, run_dir, tracker)
         meta = trainer.resume(checkpoint) if checkpoint is not None else {}
         trainer.start_tracking(meta.get("tracking_run_id"))
-        try:
+        try:  # the tracker's end state; the CLI's teardown destroys the process group on every path
             metrics = trainer.train()
         except Preempted:
             tracker.finish("KILLED")
@@ -539,6 +537,5 @@ def run_training(config: Config, config_name: str, resume: str = "none") -> int:
                 }
             )
         )
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # every rank is past its last collective before rank 0 (the rendezvous store) ends
     return 0

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.dist import teardown
 from pipeline.evaluation.stats import FeatureStats, all_gather_rows, frechet_distance, kid
 
 dist.init_process_group("gloo")
@@ -37,4 +38,5 @@ result = {
 }
 with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
     json.dump(result, f)
-dist.destroy_process_group()
+dist.barrier()
+assert teardown(), "the process group did not shut down"  # the CLI's own clean end

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from pipeline.config import DataConfig
 from pipeline.data.loader import ShardedLoader
+from pipeline.dist import teardown
 
 shards, out_path = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
@@ -26,4 +27,5 @@ dist.all_gather_object(gathered, {"rank": rank, "batches": int(steps.item()), "k
 if rank == 0:
     with open(out_path, "w") as f:
         json.dump(gathered, f)
-dist.destroy_process_group()
+dist.barrier()
+assert teardown(), "the process group did not shut down"  # the CLI's own clean end

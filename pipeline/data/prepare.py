@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import errno
 import hashlib
 import io
 import itertools
@@ -48,6 +49,7 @@ FILTERS = {
     "nearest": Image.Resampling.NEAREST,
 }
 REJECTS_NAME = "rejects.jsonl"
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 @dataclass(frozen=True)
@@ -271,11 +273,14 @@ def prepare(
     if not items:
         raise UserError(f"source {source_spec} holds no images")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".staging-*"):  # left by a killed run (SIGKILL cannot clean up)
-        shutil.rmtree(stale, ignore_errors=True)
     staging = out_dir / f".staging-{os.getpid()}"
-    staging.mkdir()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".staging-*"):  # left by a killed run (SIGKILL cannot clean up)
+            shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir()
+    except OSError as exc:
+        raise UserError(f"cannot write into {out_dir} ({exc.strerror}): choose a folder you can write") from None
     ext = transform.image_format
     writers = {name: ShardWriter(staging, name, samples_per_shard, ext) for name in ("train", "val")}
     rejects: list[dict] = []
@@ -348,6 +353,12 @@ def prepare(
             "splits": splits,
         }
         _commit(staging, out_dir, manifest)
+    except OSError as exc:
+        executor.shutdown(wait=True, cancel_futures=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        if exc.errno in WRITE_ERRNOS:  # the folder, not our code: a full disk, a quota, permissions
+            raise UserError(f"writing {exc.filename or out_dir} failed ({exc.strerror})") from None
+        raise
     except BaseException:
         executor.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)

@@ -185,9 +185,13 @@ def _builtin_mnist(spec: str, which: str, use_labels: bool) -> Source:
 
 def _npz(path: Path, use_labels: bool) -> Source:
     try:
-        arrays = np.load(path, allow_pickle=False)  # never unpickle what a user hands us
-    except (ValueError, OSError) as exc:
-        raise UserError(f"{path}: not a readable .npz ({exc})") from None
+        return _read_npz(path, use_labels)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:  # a truncated or foreign file
+        raise UserError(f"{path}: not a readable .npz ({type(exc).__name__}: {exc})") from None
+
+
+def _read_npz(path: Path, use_labels: bool) -> Source:
+    arrays = np.load(path, allow_pickle=False)  # never unpickle what a user hands us
     with arrays:
         key = next(
             (k for k in ("images", "x", "x_train", "data", "arr_0") if k in arrays.files),

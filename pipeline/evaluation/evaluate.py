@@ -42,27 +42,23 @@ def run_eval(args) -> int:
         if flag is not None:
             setattr(config.eval, key, flag)
     info = detect(args.device)
-    if info.world_size > 1:
+    if info.world_size > 1:  # destroyed by the CLI's teardown, on every exit path
         dist.init_process_group(info.backend, timeout=timedelta(minutes=config.deepspeed.timeout_minutes))
-    try:
-        if args.real:
-            result = compare_sets(args.real[0], args.real[1], config, info.device, config.train.progress)
-        else:
-            evaluator = FidEvaluator(config, info.device, config.train.progress)
-            result = evaluator(generator.to(info.device))
-            result = {
-                "checkpoint": str(resolve_source(args.checkpoint)),
-                "step": payload["step"],
-                "ema": payload["ema"],
-                **result,
-            }
-        result["world_size"] = info.world_size
-        if info.is_main:
-            text = json.dumps(result)
-            print(text)
-            if args.out:
-                Path(args.out).write_text(text + "\n")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if args.real:
+        result = compare_sets(args.real[0], args.real[1], config, info.device, config.train.progress)
+    else:
+        evaluator = FidEvaluator(config, info.device, config.train.progress)
+        result = evaluator(generator.to(info.device))
+        result = {
+            "checkpoint": str(resolve_source(args.checkpoint)),
+            "step": payload["step"],
+            "ema": payload["ema"],
+            **result,
+        }
+    result["world_size"] = info.world_size
+    if info.is_main:
+        text = json.dumps(result)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
     return 0

@@ -191,6 +191,12 @@ class ReferenceSource:
         )
         self.cache_root = Path(manifest["_path"]).parent / "fid_stats" if manifest else None
 
+    def count(self, n: int | None) -> int:
+        """The number of images a set of the first n (None: all) would hold, checked."""
+        if n is not None and n > self.total:
+            raise UserError(f"FID: n_reference={n} but {self.spec} ({self.split}) holds only {self.total} images")
+        return n or self.total
+
     def describe(self) -> dict:
         out = {"source": self.spec, "kind": self.kind}
         if self.kind == "shards":
@@ -268,9 +274,7 @@ def reference_stats(
 ) -> SetStats:
     """Collective. The first n (or all) images of the source; cached for prepared datasets."""
     rank, _ = _rank_world()
-    if n is not None and n > source.total:
-        raise UserError(f"FID: n_reference={n} but {source.spec} ({source.split}) holds only {source.total} images")
-    n = n or source.total
+    n = source.count(n)
     cache_root = Path(cache_dir) if cache_dir else getattr(source, "cache_root", None)
     cached = npz_path = meta_path = None
     if source.kind == "shards" and cache_root is not None:
@@ -384,18 +388,14 @@ class FidEvaluator:
 def compare_sets(a: str, b: str, config, device: torch.device, progress: bool = True) -> dict:
     """`pipeline eval --real A --real B`: FID between two datasets (manifests or image folders)."""
     ev = config.eval
+    # Every input is checked before the expensive work: B's problems must not wait for A's statistics.
+    sources = [ReferenceSource(spec, ev.reference_split, config.data.allow_pipe) for spec in (a, b)]
+    for source in sources:
+        source.count(ev.n_reference)
     extractor = InceptionFeatures(device, ev.inception_weights, ev.allow_nonstandard_weights)
     started = time.perf_counter()
     sets = [
-        reference_stats(
-            extractor,
-            ReferenceSource(spec, ev.reference_split, config.data.allow_pipe),
-            ev.n_reference,
-            ev.batch_size,
-            ev.cache_dir,
-            progress,
-        )
-        for spec in (a, b)
+        reference_stats(extractor, source, ev.n_reference, ev.batch_size, ev.cache_dir, progress) for source in sources
     ]
     result = compare(sets[0], sets[1], extractor, ev.kid_subsets if ev.kid else None, ev.kid_subset_size, ev.seed)
     result["n_a"], result["n_b"], result["a"], result["b"] = sets[0].n, sets[1].n, sets[0].describe, sets[1].describe
