@@ -155,18 +155,24 @@ def weights_file(path: Path, network: str) -> Path:
     return Path(path) / f"{network}_weights.pt"
 
 
+def shared_file(path: Path, part: str) -> Path:
+    """Where rank 0 writes a shared part (the EMA: ema.pt)."""
+    return Path(path) / f"{part}.pt"
+
+
 def generator_state(path: str | Path) -> tuple[dict, bool, dict]:
     """(G's fp32 state dict, whether it is the EMA's, meta) of a checkpoint, read with torch
     alone: the EMA generator when the run kept one, else G's weights file."""
     path = Path(path)
     meta = read_meta(path)
-    if (path / "ema.pt").is_file():
-        return load_tensors(path / "ema.pt", "EMA file")["model"], True, meta
+    ema = shared_file(path, "ema")
+    if ema.is_file():
+        return load_tensors(ema, "EMA file")["model"], True, meta
     weights = weights_file(path, "g")
     if not weights.is_file():
         # Only checkpoints of runs without EMA that predate the weight files lack both.
         raise UserError(
-            f"checkpoint {path} has neither ema.pt nor {weights.name}, so it cannot be read without DeepSpeed: "
+            f"checkpoint {path} has neither {ema.name} nor {weights.name}, so it cannot be read without DeepSpeed: "
             f"continue its run (`train --resume {path}`) and use a checkpoint written after that"
         )
     return load_tensors(weights, "generator weights"), False, meta
@@ -211,7 +217,7 @@ class Checkpointer:
             for network, engine in parts.engines.items():
                 engine.save_weights(weights_file(tmp, network))
             for part_name, part in parts.shared.items():
-                torch.save(part.state_dict(), tmp / f"{part_name}.pt")
+                torch.save(part.state_dict(), shared_file(tmp, part_name))
             meta = {
                 "format": META_FORMAT,
                 "step": step,
@@ -256,6 +262,6 @@ class Checkpointer:
         for network, engine in parts.engines.items():
             engine.load(path / network)
         for part_name, part in parts.shared.items():
-            part.load_state_dict(load_tensors(path / f"{part_name}.pt", "checkpoint file"))
+            part.load_state_dict(load_tensors(shared_file(path, part_name), "checkpoint file"))
         parts.rank_state.load_state_dict(rank_state)
         return meta

@@ -353,15 +353,11 @@ def prepare(
             "splits": splits,
         }
         _commit(staging, out_dir, manifest)
-    except OSError as exc:
+    except BaseException as exc:
         executor.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)
-        if exc.errno in WRITE_ERRNOS:  # the folder, not our code: a full disk, a quota, permissions
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:  # the folder, not our code: disk, quota, rights
             raise UserError(f"writing {exc.filename or out_dir} failed ({exc.strerror})") from None
-        raise
-    except BaseException:
-        executor.shutdown(wait=True, cancel_futures=True)
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
