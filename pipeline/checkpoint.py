@@ -160,13 +160,13 @@ def shared_file(path: Path, part: str) -> Path:
     return Path(path) / f"{part}.pt"
 
 
-def generator_state(path: str | Path) -> tuple[dict, bool, dict]:
+def generator_state(path: str | Path, prefer_ema: bool = True) -> tuple[dict, bool, dict]:
     """(G's fp32 state dict, whether it is the EMA's, meta) of a checkpoint, read with torch
-    alone: the EMA generator when the run kept one, else G's weights file."""
+    alone: the EMA generator when the run kept one (and prefer_ema), else G's weights file."""
     path = Path(path)
     meta = read_meta(path)
     ema = shared_file(path, "ema")
-    if ema.is_file():
+    if prefer_ema and ema.is_file():
         return load_tensors(ema, "EMA file")["model"], True, meta
     weights = weights_file(path, "g")
     if not weights.is_file():

@@ -50,11 +50,14 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
+    arch: Literal["dcgan", "mlp"] = Field(
+        "dcgan", description="dcgan (Radford et al.) or mlp (two Dense hidden layers: the baseline)"
+    )
     resolution: Literal[32, 64, 128] = Field(32, description="image side; must match the shards")
     channels: Literal[1, 3] = Field(1, description="image channels; must match the shards")
     latent_dim: int = Field(100, ge=1, description="size of z")
-    g_width: int = Field(64, ge=1, description="G's base width (ngf): channels of its last hidden layer")
-    d_width: int = Field(64, ge=1, description="D's base width (ndf): channels of its first layer")
+    g_width: int = Field(64, ge=1, description="G's width: ngf, its last conv's channels (dcgan); hidden units (mlp)")
+    d_width: int = Field(64, ge=1, description="D's width: ndf, its first conv's channels (dcgan); hidden units (mlp)")
     d_norm: Literal["batch", "spectral", "none"] = Field("batch", description="normalisation in D's hidden layers")
 
 

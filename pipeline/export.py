@@ -15,7 +15,7 @@ from torch import nn
 from pipeline.checkpoint import generator_state, latest_checkpoint
 from pipeline.errors import UserError
 from pipeline.files import load_tensors
-from pipeline.models.dcgan import Generator
+from pipeline.models import build_generator
 
 FORMAT = "gan-pipeline-generator/1"
 
@@ -40,6 +40,7 @@ def _payload(state_dict: dict, model: dict, step: int, ema: bool) -> dict:
         "ema": ema,
         "step": step,
         "model": {
+            "arch": model.get("arch", "dcgan"),
             "resolution": model["resolution"],
             "channels": model["channels"],
             "latent_dim": model["latent_dim"],
@@ -59,18 +60,21 @@ def resolve_source(path: str | Path) -> Path:
     return latest_checkpoint(path) or Path(path)
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[Generator, dict]:
+def load_generator(
+    path: str | Path, device: str | torch.device = "cpu", prefer_ema: bool = True
+) -> tuple[torch.nn.Module, dict]:
     """From an export, a checkpoint folder or a run folder, without DeepSpeed or the run's world size.
-    weights_only=True everywhere: loading never runs code from the file."""
+    weights_only=True everywhere: loading never runs code from the file. From a checkpoint,
+    prefer_ema=False reads the trained G itself instead of its EMA."""
     path = resolve_source(path)
     if path.is_dir():
-        state, ema, meta = generator_state(path)
+        state, ema, meta = generator_state(path, prefer_ema)
         payload = _payload(state, meta["config"]["model"], meta["step"], ema)
     else:
         payload = load_tensors(path, "checkpoint")  # named after the --checkpoint option
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path}: not a gan-pipeline generator export")
-    generator = Generator(**payload["model"]).to(device)
+    generator = build_generator(**{"arch": "dcgan"} | payload["model"]).to(device)  # exports before arch: dcgan
     generator.load_state_dict({k: v.float() for k, v in payload["state_dict"].items()})
     return generator.eval(), payload
 

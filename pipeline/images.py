@@ -1,4 +1,7 @@
-"""Image grids without torchvision: tensors in [-1, 1] -> uint8 -> one PNG."""
+"""The two ends of the [-1, 1] range: uint8 pixels to model tensors and back; image grids.
+
+from_uint8 and to_uint8 are exact inverses on all 256 levels (tests/test_models_losses.py):
+the samples G is scored on are quantised exactly as the training images were."""
 
 from __future__ import annotations
 
@@ -8,6 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+
+def from_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """N x H x W x C uint8 -> N x C x H x W float32 in [-1, 1]: 0 -> -1, 255 -> 1."""
+    return pixels.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

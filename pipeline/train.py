@@ -34,7 +34,7 @@ from pipeline.ema import EMA
 from pipeline.errors import EXIT_REQUEUE, PREEMPTION_SIGNALS, Preempted, UserError
 from pipeline.export import generate, save_generator
 from pipeline.images import save_grid
-from pipeline.models.dcgan import Discriminator, Generator
+from pipeline.models import build_pair
 from pipeline.random_state import rng_state, set_rng_state
 from pipeline.tracking import NullTracker, flatten, make_tracker
 from pipeline.versions import versions
@@ -88,8 +88,7 @@ class Trainer:
         # rank 0's). fork_rng: the seed applies to building the networks, not to the process.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            generator = Generator(model.resolution, model.channels, model.latent_dim, model.g_width)
-            discriminator = Discriminator(model.resolution, model.channels, model.d_width, model.d_norm)
+            generator, discriminator = build_pair(model)
         self.g_engine = engines.Engine("g", generator, config)
         self.d_engine = engines.Engine("d", discriminator, config)
         self.ema = EMA(self.g_engine.module, config.train.ema_decay) if config.train.ema else None

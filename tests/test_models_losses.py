@@ -1,4 +1,4 @@
-"""DCGAN shapes and initialisation; each loss against a hand-computed value."""
+"""DCGAN and MLP shapes and initialisation; each loss against a hand-computed value."""
 
 import math
 
@@ -7,7 +7,11 @@ import torch
 from torch import nn
 
 from pipeline import losses
+from pipeline.config import load_config
 from pipeline.ema import EMA
+from pipeline.export import load_generator, save_generator
+from pipeline.images import from_uint8, to_uint8
+from pipeline.models import build_pair, mlp
 from pipeline.models.dcgan import Discriminator, Generator
 
 
@@ -31,6 +35,46 @@ def test_reference_layout_no_bn_on_d_input_or_g_output():
     assert isinstance(d.net[0], nn.Conv2d) and isinstance(d.net[1], nn.LeakyReLU) and d.net[1].negative_slope == 0.2
     assert [m.out_channels for m in g.modules() if isinstance(m, nn.ConvTranspose2d)] == [512, 256, 128, 64, 3]
     assert [m.out_channels for m in d.modules() if isinstance(m, nn.Conv2d)] == [64, 128, 256, 512, 1]
+
+
+def test_mlp_baseline_is_the_articles_network():
+    """Two Dense-256 ReLU layers each; G ends in tanh ([-1, 1] data), D in one linear logit."""
+    g, d = build_pair(load_config(None, ["model.arch=mlp", "model.g_width=256", "model.d_width=256"]).model)
+    assert isinstance(g, mlp.Generator) and isinstance(d, mlp.Discriminator)
+    assert [(m.in_features, m.out_features) for m in g.modules() if isinstance(m, nn.Linear)] == [
+        (100, 256),
+        (256, 256),
+        (256, 32 * 32),
+    ]
+    assert [(m.in_features, m.out_features) for m in d.modules() if isinstance(m, nn.Linear)] == [
+        (32 * 32, 256),
+        (256, 256),
+        (256, 1),
+    ]
+    assert isinstance(g.net[-1], nn.Tanh) and isinstance(d.net[-1], nn.Linear)
+    images = g(torch.randn(3, 100))
+    assert images.shape == (3, 1, 32, 32) and images.abs().max() <= 1
+    assert d(images).shape == (3,)
+
+
+def test_an_mlp_export_loads_back_as_an_mlp(tmp_path):
+    model = load_config(None, ["model.arch=mlp", "model.g_width=16"]).model
+    generator, _ = build_pair(model)
+    save_generator(tmp_path / "g.pt", generator, model, step=7, ema=False)
+    loaded, payload = load_generator(tmp_path / "g.pt")
+    assert isinstance(loaded, mlp.Generator) and payload["model"]["arch"] == "mlp"
+    z = torch.randn(4, 100)
+    assert torch.equal(loaded(z), generator.eval()(z))
+
+
+def test_pixels_survive_the_trip_to_the_model_range_and_back():
+    """Every uint8 level maps into [-1, 1] (0 -> -1, 255 -> 1) and back to itself: generated
+    images are quantised exactly as real ones, so FID sees no range or rounding offset."""
+    levels = torch.arange(256, dtype=torch.uint8).view(1, 16, 16, 1)
+    scaled = from_uint8(levels)
+    assert scaled.shape == (1, 1, 16, 16) and scaled.min() == -1 and scaled.max() == 1
+    assert torch.equal(to_uint8(scaled), levels)
+    assert torch.equal(to_uint8(scaled + 0.49 / 127.5), levels)  # rounding, not truncation
 
 
 def test_init_follows_the_paper():

@@ -140,6 +140,7 @@ def test_same_seed_same_losses(dist_single, mnist_shards, tmp_path):
         ["loss.kind=wgan-gp", "loss.n_critic=2", "model.d_norm=none"],
         ["model.d_norm=spectral", "deepspeed.zero_stage=1"],
         ["deepspeed.zero_stage=2", "train.ema=false"],
+        ["model.arch=mlp", "model.g_width=32", "model.d_width=32"],
     ],
 )
 def test_objectives_and_engine_options_train(dist_single, mnist_shards, tmp_path, extra):

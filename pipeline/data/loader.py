@@ -47,6 +47,7 @@ from pipeline.config import DataConfig
 from pipeline.data.decode import BadSample, decode_sample
 from pipeline.data.shards import iter_samples, resolve_shards, verify_shards
 from pipeline.errors import UserError
+from pipeline.images import from_uint8
 
 log = logging.getLogger("pipeline.data")
 
@@ -277,8 +278,7 @@ class ShardedLoader:
             for batch in batches:
                 self.batches_consumed += 1
                 self.corrupt_samples += batch.n_corrupt
-                images = batch.images.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-                yield batch._replace(images=images)
+                yield batch._replace(images=from_uint8(batch.images))
         finally:
             # Stop the workers here on every exit path, including an exception or close() of the
             # caller's generator: at interpreter exit DataLoader skips its own shutdown and
