@@ -136,6 +136,12 @@ class EvalConfig(Section):
         None, description="manifest (or its folder) of the reference data; default: data.shards"
     )
     reference_split: str = Field("train", description="split of the reference manifest")
+    floor: str | None = Field(
+        None,
+        description="a second real dataset (e.g. the training shards when eval.reference is the test set): "
+        "its first n_reference images are scored against the reference once (cached), the real-vs-real "
+        "floor at the same n that every FID is reported against",
+    )
     batch_size: int = Field(
         100,
         ge=1,

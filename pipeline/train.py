@@ -113,6 +113,7 @@ class Trainer:
 
             self.fid = FidEvaluator(config, self.device, config.train.progress)
         self.best_fid: tuple[float, int] | None = None  # (fid, step), rank 0
+        self.last_fid: dict | None = None  # the newest evaluation's result, for the end-of-run verdict
         self._prepare_run_dir()
 
     # ------------------------------------------------------------------ state
@@ -353,12 +354,14 @@ class Trainer:
         checkpoint of this step as best when its FID is the lowest so far. The checkpoint is
         saved before the (long) evaluation, so a kill during it loses nothing."""
         result = self.fid(self.sampling_generator())
+        self.last_fid = result
         if self.info.is_main:
             record = {"step": self.global_step, "checkpoint": checkpoint.name, **result}
             with open(self.run_dir / FID_LOG, "a") as f:
                 f.write(json.dumps(record) + "\n")
             self.tracker.log_metrics(
-                {k: result[k] for k in ("fid", "kid") if k in result} | {"fid_seconds": result["seconds"]},
+                {k: result[k] for k in ("fid", "kid", "fid_floor", "fid_over_floor") if k in result}
+                | {"fid_seconds": result["seconds"]},
                 self.global_step,
             )
             if self.best_fid is None or result["fid"] < self.best_fid[0]:
@@ -536,5 +539,9 @@ def run_training(config: Config, config_name: str, resume: str = "none") -> int:
                 }
             )
         )
+        if trainer.last_fid is not None:
+            from pipeline.evaluation.fid import verdict
+
+            print(f"step {trainer.global_step}: {verdict(trainer.last_fid)}")
     dist.barrier()  # every rank is past its last collective before rank 0 (the rendezvous store) ends
     return 0

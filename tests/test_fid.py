@@ -15,7 +15,7 @@ from scipy import linalg
 
 from pipeline.errors import UserError
 from pipeline.evaluation import inception
-from pipeline.evaluation.fid import ReferenceSource, compare, reference_stats
+from pipeline.evaluation.fid import ReferenceSource, compare, reference_stats, verdict
 from pipeline.evaluation.stats import FeatureStats, frechet_distance, kid, kid_subset_sum
 from tests.conftest import REPO, TORCHRUN_2, run, run_cli, train_overrides
 
@@ -288,8 +288,12 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # as torchrun sets it: the same float ari
 
 @pytest.fixture(scope="module")
 def fid_run(mnist_shards, tmp_path_factory):
-    """4 steps with FID at steps 2 and 4, one checkpoint kept besides the best."""
+    """4 steps with FID at steps 2 and 4, one checkpoint kept besides the best; real test
+    digits as the floor set."""
+    from pipeline.data.prepare import Transform, prepare
+
     tmp = tmp_path_factory.mktemp("fidrun")
+    prepare("mnist:test", tmp / "floor", Transform(32, 1), limit=16, workers=1, progress=False)
     result = run_cli(
         "train",
         *train_overrides(
@@ -300,11 +304,13 @@ def fid_run(mnist_shards, tmp_path_factory):
             "train.checkpoint_every=1000",
             "train.keep_checkpoints=1",
             *FID_STEPS,
+            f"eval.floor={tmp / 'floor'}",
         ),
         timeout=300,
         env=ONE_THREAD,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    (tmp / "runs" / "stdout.txt").write_text(result.stdout)
     return tmp / "runs"
 
 
@@ -328,6 +334,34 @@ def test_training_logs_fid_and_keeps_the_best_checkpoint(fid_run):
     tags = client.get_run(run_id).data.tags
     assert json.loads(tags["fid.protocol"])["weights_sha256"] == inception.WEIGHTS_SHA256
     assert tags["fid.n_reference"] == "16" and tags["best_fid_step"] == str(best["step"])
+
+
+def test_every_fid_is_reported_against_the_real_vs_real_floor(fid_run):
+    """16 real test digits against the 16 reference digits: one floor for the run, each FID
+    divided by it, in fid.jsonl, MLflow and the run's last words."""
+    from mlflow.tracking import MlflowClient
+
+    records = [json.loads(line) for line in (fid_run / "fid/fid.jsonl").read_text().splitlines()]
+    floor = records[0]["fid_floor"]
+    assert floor > 0 and all(r["fid_floor"] == floor for r in records)
+    assert all(r["fid_over_floor"] == pytest.approx(r["fid"] / floor) for r in records)
+    client = MlflowClient(f"sqlite:///{fid_run / 'mlflow.db'}")
+    run_id = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id])[0].info.run_id
+    assert [m.value for m in client.get_metric_history(run_id, "fid_floor")] == [pytest.approx(floor)] * 2
+    last = (fid_run / "stdout.txt").read_text().strip().splitlines()[-1]
+    assert last.startswith(f"step 4: FID {records[-1]['fid']:.1f} (12 generated vs 16 reference images)")
+    assert f"score {floor:.1f} against the same reference" in last
+    assert f"{records[-1]['fid_over_floor']:.1f}x the floor" in last
+
+
+@pytest.mark.parametrize(
+    ("ratio", "words"),
+    [(1.2, "hard to tell from real"), (2.5, "good"), (4.0, "fair"), (9.0, "poor")],
+)
+def test_the_verdict_says_how_good_in_words(ratio, words):
+    result = {"fid": 10.0 * ratio, "n_generated": 2000, "n_reference": 2000, "fid_floor": 10.0, "fid_over_floor": ratio}
+    assert words in verdict(result)
+    assert "lower is better" in verdict({"fid": 3.0, "n_generated": 5, "n_reference": 5})
 
 
 def test_standalone_eval_matches_training_on_one_and_two_ranks(fid_run):

@@ -372,6 +372,13 @@ class FidEvaluator:
         self.reference = reference_stats(
             self.extractor, source, self.eval.n_reference, self.eval.batch_size, self.eval.cache_dir, progress
         )
+        self.floor = None  # the real-vs-real FID at the reference's n: what no generator is expected to beat
+        if self.eval.floor:
+            floor_source = ReferenceSource(self.eval.floor, self.eval.reference_split, config.data.allow_pipe)
+            real = reference_stats(
+                self.extractor, floor_source, self.reference.n, self.eval.batch_size, self.eval.cache_dir, progress
+            )
+            self.floor = compare(real, self.reference, self.extractor, None, 0, self.eval.seed)["fid"]
 
     def __call__(self, generator: torch.nn.Module, n_generated: int | None = None) -> dict:
         started = time.perf_counter()
@@ -382,7 +389,30 @@ class FidEvaluator:
         result = compare(
             generated, self.reference, self.extractor, ev.kid_subsets if ev.kid else None, ev.kid_subset_size, ev.seed
         )
+        if self.floor is not None:
+            result |= {"fid_floor": self.floor, "fid_over_floor": result["fid"] / self.floor}
         return result | {"seconds": round(time.perf_counter() - started, 2)}
+
+
+def verdict(result: dict) -> str:
+    """One line for a person: the FID, what it was measured on, and how good it is."""
+    line = f"FID {result['fid']:.1f} ({result['n_generated']} generated vs {result['n_reference']} reference images"
+    if "fid_floor" not in result:
+        return line + "; lower is better, and FIDs are comparable only at the same n and reference)"
+    ratio = result["fid_over_floor"]
+    quality = (
+        "hard to tell from real images"
+        if ratio <= 1.5
+        else "good: most samples are clean"
+        if ratio <= 3
+        else "fair: many samples are malformed"
+        if ratio <= 6
+        else "poor: train longer or check the recipe"
+    )
+    return (
+        f"{line}). Real images score {result['fid_floor']:.1f} against the same reference at this n, the floor; "
+        f"the samples are {ratio:.1f}x the floor: {quality}"
+    )
 
 
 def compare_sets(a: str, b: str, config, device: torch.device, progress: bool = True) -> dict:
