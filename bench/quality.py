@@ -1,0 +1,240 @@
+"""Sample quality against training time: FID and KID at n = 2000 vs MNIST test digits.
+
+Trains a config exactly as the quickstart does (the deepspeed launcher, 2 CPU ranks by
+default), keeping a checkpoint every --eval-every steps, then scores each checkpoint's
+sampling generator (EMA when on): 2000 generated digits against the first 2000 MNIST
+*test* digits. In the same run it measures the floor at the same n: 2000 real *training*
+digits against the same 2000 test digits. A model cannot be expected to beat that floor;
+FID/floor says how far from real the samples are.
+
+The train-minutes column is wall time from the launch to the checkpoint (start-up and
+checkpoint writes included: what a user waits), on this machine with every core busy.
+
+    python bench/quality.py                                       # configs/mnist32.yaml
+    python bench/quality.py --config configs/mnist32_mlp.yaml --eval-every 1000
+    python bench/quality.py --label lr4e-4 train.g_optim.lr=4e-4  # one lever changed
+
+Prints a table (step, train minutes, FID, KID, FID/floor) and ends with one JSON line;
+--out appends that line to a JSON-lines file (the README's lever table is built from one).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import report
+
+from pipeline.checkpoint import read_meta
+from pipeline.config import load_config
+from pipeline.evaluation.fid import ReferenceSource, compare, generated_stats, reference_stats
+from pipeline.evaluation.inception import InceptionFeatures
+from pipeline.export import load_generator
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN, TEST = REPO / "data/mnist32", REPO / "data/mnist32_test"
+
+
+class RunningStatistics(nn.Module):
+    """A generator sampled with BatchNorm's running statistics (eval mode) instead of the
+    batch statistics that pipeline.export.generate uses: the BN lever of the recipe."""
+
+    def __init__(self, generator: nn.Module):
+        super().__init__()
+        self.generator, self.latent_dim = generator, generator.latent_dim
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.generator(z)
+
+
+def ensure_data() -> None:
+    """The 32x32 MNIST shards of both subsets (prepared once, as the quickstart does)."""
+    for out, subset in ((TRAIN, "train"), (TEST, "test")):
+        if not (out / "manifest.json").exists():
+            prepare = [sys.executable, "-m", "pipeline", "prepare", f"mnist:{subset}", str(out)]
+            subprocess.run([*prepare, "--resolution", "32", "--channels", "1", "--no-progress"], check=True, cwd=REPO)
+
+
+def train(config: str, ranks: int, steps: int, eval_every: int, run_root: Path, overrides: list[str]) -> tuple:
+    """Train through launch/single_node.sh; (run folder, seconds from launch to each checkpoint)."""
+    name = "quality"
+    shutil.rmtree(run_root / name, ignore_errors=True)
+    command = ["bash", "launch/single_node.sh", "--gpus", str(ranks), config]
+    command += [
+        f"train.steps={steps}",
+        f"train.checkpoint_every={eval_every}",
+        f"train.keep_checkpoints={steps // eval_every + 1}",
+        f"train.run_root={run_root}",
+        f"train.run_name={name}",
+        "eval.fid_every=0",  # scored afterwards, so that evaluation does not count as training time
+        "tracking.enabled=false",
+        *overrides,
+    ]
+    started = time.time()
+    subprocess.run(command, check=True, cwd=REPO, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    run_dir = run_root / name
+    checkpoints = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
+    return run_dir, [(p, (p / "meta.json").stat().st_mtime - started) for p in checkpoints]
+
+
+def train_plain(config, steps: int, eval_every: int, run_root: Path) -> tuple:
+    """The reference: pytorch/examples' dcgan/main.py training loop, on the same models, data,
+    batch (world x batch_per_rank), optimisers and seed, in one process with no DeepSpeed,
+    no loader and no EMA. If our pipeline scores far worse than this, the fault is ours,
+    not the recipe's."""
+    import torch.nn.functional as F
+
+    from pipeline.export import save_generator
+    from pipeline.images import from_uint8
+    from pipeline.models import build_pair
+
+    run_dir = run_root / "plain"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    (run_dir / "exports").mkdir(parents=True)
+    started = time.time()
+    source = ReferenceSource(str(TRAIN))
+    images = torch.stack([image for _, batch in source.batches(source.count(None), 1000) for image in batch])
+    torch.manual_seed(config.seed)
+    g, d = build_pair(config.model)
+    opt_g = torch.optim.Adam(g.parameters(), lr=config.train.g_optim.lr, betas=config.train.g_optim.betas)
+    opt_d = torch.optim.Adam(d.parameters(), lr=config.train.d_optim.lr, betas=config.train.d_optim.betas)
+    batch = config.data.batch_per_rank * 2  # the quickstart's 2 ranks
+    order, cursor, exports = torch.randperm(len(images)), 0, []
+    for step in range(1, steps + 1):
+        if cursor + batch > len(order):
+            order, cursor = torch.randperm(len(images)), 0
+        real = from_uint8(images[order[cursor : cursor + batch]])
+        cursor += batch
+        opt_d.zero_grad()
+        fake = g(torch.randn(batch, config.model.latent_dim))
+        loss_d = F.softplus(-d(real)).mean() + F.softplus(d(fake.detach())).mean()
+        loss_d.backward()
+        opt_d.step()
+        opt_g.zero_grad()
+        F.softplus(-d(fake)).mean().backward()
+        opt_g.step()
+        if step % eval_every == 0 or step == steps:
+            path = save_generator(run_dir / "exports" / f"step_{step:07d}.pt", g, config.model, step, ema=False)
+            exports.append((path, time.time() - started))
+        if step % 100 == 0 or step == steps:
+            seconds = time.time() - started
+            eta = (steps - step) * seconds / step
+            print(f"plain loop: step {step}/{steps}, {step / seconds:.1f} step/s, ETA {eta:.0f} s", flush=True)
+    return run_dir, exports
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/mnist32.yaml")
+    parser.add_argument("--ranks", type=int, default=2, help="CPU ranks (the quickstart uses 2)")
+    parser.add_argument("--steps", type=int, help="default: the config's train.steps")
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--n", type=int, default=2000, help="generated and reference images per FID")
+    parser.add_argument("--run-root", default="runs/bench-quality")
+    parser.add_argument("--label", default=None, help="name of this row in the JSON (default: the overrides)")
+    parser.add_argument("--out", help="append the JSON line to this file")
+    parser.add_argument("--score-only", help="score the checkpoints of this run folder instead of training")
+    parser.add_argument(
+        "--variants",
+        default="sampler",
+        help="comma-separated generators scored at each checkpoint: sampler (what sample/eval use: "
+        "the EMA when on), raw (the trained G), raw-running (raw G with BatchNorm's running statistics)",
+    )
+    parser.add_argument("--steps-scored", help="comma-separated steps to score (default: every checkpoint)")
+    parser.add_argument("--plain", action="store_true", help="train with the plain PyTorch loop instead")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+
+    ensure_data()
+    config = load_config(REPO / args.config, args.overrides)
+    steps = args.steps or config.train.steps
+    if args.plain:
+        run_dir, checkpoints = train_plain(config, steps, args.eval_every, REPO / args.run_root)
+    elif args.score_only:
+        run_dir = Path(args.score_only)
+        checkpoints = [(p, None) for p in sorted((run_dir / "checkpoints").glob("step_*")) if p.is_dir()]
+    else:
+        run_dir, checkpoints = train(
+            args.config, args.ranks, steps, args.eval_every, REPO / args.run_root, args.overrides
+        )
+
+    ev = config.eval
+    extractor = InceptionFeatures(torch.device("cpu"), ev.inception_weights, ev.allow_nonstandard_weights)
+    kid_args = (ev.kid_subsets, min(ev.kid_subset_size, args.n), ev.seed)
+
+    def stats(path: Path):
+        return reference_stats(extractor, ReferenceSource(str(path)), args.n, ev.batch_size, progress=True)
+
+    test = stats(TEST)
+    floor = compare(stats(TRAIN), test, extractor, *kid_args)
+    wanted = {int(s) for s in args.steps_scored.split(",")} if args.steps_scored else None
+    rows = []
+    for path, seconds in checkpoints:
+        if wanted is not None and load_generator(path)[1]["step"] not in wanted:
+            continue
+        for variant in args.variants.split(","):
+            generator, payload = load_generator(path, prefer_ema=variant == "sampler")
+            if variant == "raw-running":
+                generator = RunningStatistics(generator)
+            generated = generated_stats(extractor, generator, args.n, ev.batch_size, ev.seed)
+            scored = compare(generated, test, extractor, *kid_args)
+            rows.append(
+                {
+                    "step": payload["step"],
+                    "variant": variant,
+                    "train_min": None if seconds is None else round(seconds / 60, 2),
+                    "fid": round(scored["fid"], 2),
+                    "kid": round(scored["kid"], 5),
+                    "fid_over_floor": round(scored["fid"] / floor["fid"], 2),
+                    "ema": payload["ema"],
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+
+    print(f"\nfloor (n={args.n} train vs {args.n} test): FID {floor['fid']:.2f}  KID {floor['kid']:.5f}")
+    print(f"{'step':>6} {'variant':>11} {'train min':>9} {'FID':>7} {'KID':>8} {'FID/floor':>9}")
+    for r in rows:
+        minutes = "-" if r["train_min"] is None else f"{r['train_min']:.2f}"
+        ratio = r["fid_over_floor"]
+        print(f"{r['step']:>6} {r['variant']:>11} {minutes:>9} {r['fid']:>7.2f} {r['kid']:>8.5f} {ratio:>9.2f}")
+    final = next(r for r in reversed(rows) if r["variant"] == rows[0]["variant"])
+    label = args.label or (" ".join(args.overrides) or "as shipped")
+    world_size = 1 if args.plain else read_meta(checkpoints[-1][0])["world_size"]
+    report(
+        "quality",
+        {
+            "fid": final["fid"],
+            "kid": final["kid"],
+            "train_min": final["train_min"],
+            "step": final["step"],
+            "rows": rows,
+        },
+        {"floor_fid": round(floor["fid"], 2), "floor_kid": round(floor["kid"], 5), "n": args.n},
+        final["fid"] / floor["fid"],
+        config=args.config,
+        label=label,
+        ranks=args.ranks,
+        world_size=world_size,
+    )
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(
+                json.dumps({"label": label, "config": args.config, "floor": round(floor["fid"], 2), "rows": rows})
+                + "\n"
+            )
+
+
+if __name__ == "__main__":
+    main()
