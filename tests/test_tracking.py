@@ -66,6 +66,8 @@ def test_resume_continues_the_same_run(mnist_shards, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     result = run_cli(
         "train",
+        "--config",
+        REPO / "configs/mnist32.yaml",  # the first run's config: the optimiser settings must match to resume
         *train_overrides(mnist_shards, tmp_path, "train.steps=6", "train.run_name=r"),
         "--resume",
         "auto",
