@@ -182,10 +182,10 @@ def main() -> None:
     wanted = {int(s) for s in args.steps_scored.split(",")} if args.steps_scored else None
     rows = []
     for path, seconds in checkpoints:
-        if wanted is not None and load_generator(path)[1]["step"] not in wanted:
-            continue
         for variant in args.variants.split(","):
             generator, payload = load_generator(path, prefer_ema=variant == "sampler")
+            if wanted is not None and payload["step"] not in wanted:
+                break  # read once to learn the step, not again to score it
             if variant == "raw-running":
                 generator = RunningStatistics(generator)
             generated = generated_stats(extractor, generator, args.n, ev.batch_size, ev.seed)
