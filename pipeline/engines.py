@@ -162,22 +162,32 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
-    def step(self) -> float | None:
+    def step(self) -> torch.Tensor | float | None:
         """The optimizer step, returning the global gradient norm of the update (None between
-        gradient-accumulation boundaries).
+        gradient-accumulation boundaries), as DeepSpeed holds it: a device tensor or a float.
+        It is not read back here, so the step does not wait for the device.
 
         DeepSpeed measures the norm for fp16 and ZeRO optimizers; with a plain fp32 optimizer
-        at stage 0 it does not, but the all-reduced grads sit in param.grad until step() clears them."""
+        at stage 0 it does not, but the all-reduced grads sit in param.grad until step() clears
+        them. With fp16 DeepSpeed itself reads the overflow flag back every step (it must decide
+        whether to skip the update: FP16_Optimizer.step and ZeRO's check_overflow,
+        deepspeed/runtime/fp16/loss_scaler.py): that wait is DeepSpeed's, not ours."""
         engine = self.engine
         boundary = engine.is_gradient_accumulation_boundary()
         norm = None
         if boundary and engine.zero_optimization_stage() == 0 and not engine.fp16_enabled():
             grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-            norm = float(torch.stack(grads).norm()) if grads else None
+            norm = torch.stack(grads).norm() if grads else None
         engine.step()
         if boundary and engine.get_global_grad_norm() is not None:
-            norm = float(engine.get_global_grad_norm())
+            norm = engine.get_global_grad_norm()
         return norm if boundary else None
+
+    def compile(self) -> None:
+        """torch.compile the network in place, the way DeepSpeed supports it (engine.compile, which
+        calls nn.Module.compile): the engine and `module` both run the compiled forward, and the
+        state dict keeps its keys. Compilation itself happens in the first steps."""
+        self.engine.compile()
 
     @contextlib.contextmanager
     def frozen(self):
@@ -205,6 +215,11 @@ class Engine:
     @property
     def learning_rate(self) -> float:
         return float(self.engine.optimizer.param_groups[0]["lr"])
+
+    def set_learning_rate(self, lr: float) -> None:
+        """The lr of the next updates (a host-side number: nothing waits for the device)."""
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
 
     # -------------------------------------------------------------------- state
     def save(self, folder: Path) -> None:

@@ -52,7 +52,7 @@ def gradient_penalty(
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
-def d_confidence(kind: str, logits: torch.Tensor) -> float:
-    """Mean D output for logging: probability for the nonsaturating game, raw score otherwise."""
-    values = torch.sigmoid(logits.float()) if kind == "nonsaturating" else logits.float()
-    return values.mean().item()
+def d_confidence(kind: str, logits: torch.Tensor) -> torch.Tensor:
+    """Mean D output for logging (a device scalar): probability for the nonsaturating game, raw score otherwise."""
+    values = torch.sigmoid(logits.detach().float()) if kind == "nonsaturating" else logits.detach().float()
+    return values.mean()

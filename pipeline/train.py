@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import signal
 import time
 from datetime import datetime, timezone
@@ -33,7 +32,8 @@ from pipeline.dist import DistInfo
 from pipeline.ema import EMA
 from pipeline.errors import EXIT_REQUEUE, PREEMPTION_SIGNALS, Preempted, UserError
 from pipeline.export import generate, save_generator
-from pipeline.images import save_grid
+from pipeline.images import from_uint8, save_grid
+from pipeline.metrics import Divergence, StepMeans, agree
 from pipeline.models import build_pair
 from pipeline.random_state import rng_state, set_rng_state
 from pipeline.tracking import NullTracker, flatten, make_tracker
@@ -54,7 +54,8 @@ class PreemptionFlag:
     """Records SIGTERM/SIGUSR1 instead of dying; the loop acts on it between steps on all ranks.
 
     Which ranks: installed on every rank. A signal to any one rank reaches all of them through
-    the per-step all-reduce; a second signal during the save only sets the flag again."""
+    the all-reduce of Trainer.settle, within train.sync_every steps (README, "Preemption"); a
+    second signal during the save only sets the flag again."""
 
     def __init__(self):
         self.signum: int | None = None
@@ -92,12 +93,16 @@ class Trainer:
         self.g_engine = engines.Engine("g", generator, config)
         self.d_engine = engines.Engine("d", discriminator, config)
         self.ema = EMA(self.g_engine.module, config.train.ema_decay) if config.train.ema else None
+        if config.train.compile:  # after the EMA's deepcopy: a copy of a compiled module would run the original
+            self.g_engine.compile()
+            self.d_engine.compile()
         # All randomness of a step comes from this per-rank generator: resumable, and distinct per rank.
         self.rng = torch.Generator(self.device).manual_seed(config.seed * 1_000_003 + info.rank + 1)
         fixed = torch.Generator().manual_seed(config.seed)
         self.fixed_z = torch.randn(config.train.sample_count, model.latent_dim, generator=fixed).to(self.device)
         self.global_step = 0
-        self.nonfinite_streak = 0
+        self.window = StepMeans(self.device)  # this logging window's step figures, on the device
+        self.divergence = Divergence(self.device)
         self.preemption = PreemptionFlag()
         self.run_dir = Path(run_dir)
         self.tracker = tracker or NullTracker()
@@ -124,14 +129,14 @@ class Trainer:
         step (run after the save)."""
         return {
             "global_step": self.global_step,
-            "nonfinite_streak": self.nonfinite_streak,
+            "nonfinite_streak": int(self.divergence.streak),
             "loader": self.loader.state_dict(),
             "rng": rng_state(self.rng),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step = state["global_step"]
-        self.nonfinite_streak = state["nonfinite_streak"]
+        self.divergence = Divergence(self.device, state["nonfinite_streak"])
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"], self.rng)
 
@@ -153,6 +158,14 @@ class Trainer:
             for engine in (self.g_engine, self.d_engine):
                 (self.run_dir / f"ds_config_{engine.name}.json").write_text(json.dumps(engine.ds_config, indent=2))
 
+    def d_layout(self, images: torch.Tensor) -> torch.Tensor:
+        """D's input in the layout model.channels_last asks for. Only the activations change layout:
+        PyTorch's convolutions follow an NHWC input with NHWC kernels. The weights stay NCHW,
+        as DeepSpeed keeps them: it views parameters as flat bytes (engine._broadcast_model's
+        `p.data.view(torch.uint8)` refuses channels_last bf16 weights) and its bf16/fp16/ZeRO
+        optimizers hold them in flat contiguous buffers."""
+        return images.contiguous(memory_format=torch.channels_last) if self.config.model.channels_last else images
+
     def latents(self, n: int) -> torch.Tensor:
         z = torch.randn(n, self.config.model.latent_dim, generator=self.rng, device=self.device)
         return z.to(self.dtype)
@@ -162,7 +175,7 @@ class Trainer:
         """One D micro-step on real and detached fake images: one loss, one backward."""
         kind = self.config.loss.kind
         with torch.no_grad():
-            fake = self.g_engine.module(self.latents(real.shape[0]))  # raw G: no engine hooks, no graph
+            fake = self.d_layout(self.g_engine.module(self.latents(real.shape[0])))  # raw G: no hooks, no graph
         d_real = self.d_engine(real).float()
         d_fake = self.d_engine(fake).float()
         loss = losses.d_loss(kind, d_real, d_fake)
@@ -172,7 +185,7 @@ class Trainer:
         self.d_engine.backward(loss)
         norm = self.d_engine.step()
         return {
-            "loss_D": loss.item(),
+            "loss_D": loss.detach(),
             "D_x": losses.d_confidence(kind, d_real),
             "D_G_z": losses.d_confidence(kind, d_fake),
             "grad_norm_D": norm,
@@ -184,51 +197,41 @@ class Trainer:
         Calling the D *engine* here would fire its backward hook inside g_engine.backward
         (DeepSpeed #7665), and unfrozen D params get gradients twice at ZeRO-2 (#4923)."""
         with self.d_engine.frozen():
-            fake = self.g_engine(self.latents(batch_size))
+            fake = self.d_layout(self.g_engine(self.latents(batch_size)))
             loss = losses.g_loss(self.config.loss.kind, self.d_engine.module(fake).float())
             self.g_engine.backward(loss)
             norm = self.g_engine.step()
-        return {"loss_G": loss.item(), "grad_norm_G": norm}
+        return {"loss_G": loss.detach(), "grad_norm_G": norm}
 
     def train_step(self, batches) -> dict:
-        """One global step: n_critic D updates, then one G update (each over grad-accumulation micro-batches)."""
-        started, waited = time.perf_counter(), 0.0
-        accumulation = self.config.deepspeed.gradient_accumulation
+        """One global step: n_critic D updates, then one G update (each over grad-accumulation
+        micro-batches). Returns this rank's figures of the step, as device tensors, and adds them
+        to the logging window: nothing here waits for the device (pipeline/metrics.py)."""
+        waited, accumulation = 0.0, self.config.deepspeed.gradient_accumulation
+        if self.config.train.lr_decay == "linear":  # a function of the step alone: resumes exactly
+            remaining = 1.0 - self.global_step / self.config.train.steps
+            self.d_engine.set_learning_rate(self.config.train.d_optim.lr * remaining)
+            self.g_engine.set_learning_rate(self.config.train.g_optim.lr * remaining)
         d_records = []
         for _ in range(self.config.loss.n_critic * accumulation):
             before = time.perf_counter()
             batch = next(batches)
             waited += time.perf_counter() - before
-            d_records.append(self.d_step(batch.images.to(self.device, self.dtype, non_blocking=True)))
+            pixels = batch.images.to(self.device, non_blocking=True)  # uint8 from pinned memory
+            d_records.append(self.d_step(from_uint8(pixels, self.dtype, self.config.model.channels_last)))
         g_records = [self.g_step(self.config.data.batch_per_rank) for _ in range(accumulation)]
         if self.ema is not None:
             self.ema.update(self.g_engine.module)
         self.global_step += 1
-        seconds = time.perf_counter() - started
-        images = len(d_records) * self.config.data.batch_per_rank * self.info.world_size
-        return self._reduce(d_records, g_records) | {
-            "images_per_s": images / seconds,
-            "step_time_s": seconds,
-            "data_wait_share": waited / seconds,
-        }
+        figures = _step_figures(d_records) | _step_figures(g_records)
+        self.divergence.add(figures["loss_D"], figures["loss_G"])
+        self.window.add(figures, len(d_records) * self.config.data.batch_per_rank, waited)
+        return figures
 
-    def _reduce(self, d_records: list[dict], g_records: list[dict]) -> dict:
-        """Means over micro-steps and ranks (one small all-reduce: every rank sees the same values)."""
-        keys = ["loss_D", "D_x", "D_G_z", "loss_G"]
-        local = [sum(r[k] for r in d_records) / len(d_records) for k in keys[:3]]
-        local.append(sum(r["loss_G"] for r in g_records) / len(g_records))
-        local.append(float(self.preemption.signum is not None))  # rides on the same all-reduce
-        values = torch.tensor(local, dtype=torch.float64, device=self.device)
-        dist.all_reduce(values)
-        *means, stop = (values / self.info.world_size).tolist()
-        metrics = dict(zip(keys, means, strict=True))
-        metrics["stop_requested"] = stop > 0
-        metrics["grad_norm_D"] = next(
-            (r["grad_norm_D"] for r in reversed(d_records) if r["grad_norm_D"] is not None), None
-        )
-        metrics["grad_norm_G"] = next(
-            (r["grad_norm_G"] for r in reversed(g_records) if r["grad_norm_G"] is not None), None
-        )
+    def read_metrics(self) -> dict:
+        """All ranks (a collective), on logging steps: the window's means over steps and ranks, and
+        the engines' and process's state. Every rank gets the same step figures."""
+        metrics = self.window.read(self.info.world_size)
         for net, engine in (("D", self.d_engine), ("G", self.g_engine)):
             metrics[f"loss_scale_{net}"] = engine.loss_scale
             metrics[f"skipped_steps_{net}"] = engine.skipped_steps
@@ -239,17 +242,18 @@ class Trainer:
             metrics["gpu_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         return metrics
 
-    def _check_finite(self, metrics: dict) -> None:
-        """All ranks see the same reduced losses, so all stop together."""
-        finite = math.isfinite(metrics["loss_D"]) and math.isfinite(metrics["loss_G"])
-        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+    def settle(self) -> bool:
+        """All ranks (a collective), every train.sync_every steps: whether any rank got a preemption
+        signal, and a stop when any rank's losses stayed non-finite too long."""
+        signalled, longest = agree(self.preemption.signum is not None, self.divergence)
         limit = self.config.train.max_nonfinite_steps
-        if self.nonfinite_streak >= limit:
+        if longest >= limit:
             raise NonFiniteLoss(
-                f"losses non-finite for {limit} consecutive steps (step {self.global_step}: "
-                f"loss_D={metrics['loss_D']}, loss_G={metrics['loss_G']}); training diverged. "
+                f"losses non-finite for {longest} consecutive steps (found at step {self.global_step}, "
+                f"limit train.max_nonfinite_steps={limit}); training diverged. "
                 "Lower the learning rates, use fp32/bf16, or enable gradient clipping."
             )
+        return signalled
 
     # ------------------------------------------------------------------ loop
     def resume(self, path: Path) -> dict:
@@ -327,13 +331,17 @@ class Trainer:
             log.info("run folder %s; %s", self.run_dir, self.info.summary())
         batches = self.loader.forever()
         self.preemption.install()
+        self.window.reset()  # the first record's speed counts from here, not from the set-up
         metrics: dict = {}
         with self._recorder() as record, contextlib.closing(batches):  # closing: loader workers stop on any exit
             while self.global_step < train.steps:
-                metrics = self.train_step(batches)
-                self._check_finite(metrics)
-                record(metrics)
-                if metrics["stop_requested"]:  # the same on every rank: it came through the all-reduce
+                self.train_step(batches)
+                stop = self.settle() if self._due(train.sync_every) else False  # the same on every rank
+                # A preempted run records its last, partial window too: nothing measured is lost.
+                logged = self.read_metrics() if self._due(train.log_every) or stop else None
+                record(logged)
+                metrics = logged or metrics
+                if stop:
                     path = self.save_checkpoint()
                     raise Preempted(
                         f"preemption signal at step {self.global_step}: checkpoint {path} saved on every rank; "
@@ -406,10 +414,11 @@ class Trainer:
         )
         with open(self.run_dir / "metrics.jsonl", "a") as metrics_file:
 
-            def record(metrics: dict) -> None:
+            def record(metrics: dict | None) -> None:
+                """Each step: the progress bar, and the sample grid when due; with a logging step's metrics, those."""
                 bar.update(1)
-                bar.set_postfix_str(_progress(metrics), refresh=False)
-                if self._due(train.log_every):
+                if metrics is not None:
+                    bar.set_postfix_str(_progress(metrics), refresh=False)
                     metrics_file.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
                     metrics_file.flush()
                     self.tracker.log_metrics(metrics, self.global_step)
@@ -435,6 +444,19 @@ class Trainer:
         return save_generator(
             path, self.sampling_generator(), self.config.model, self.global_step, self.ema is not None
         )
+
+
+def _step_figures(records: list[dict]) -> dict:
+    """One network's figures of a step from its micro-steps: losses and D outputs averaged (on
+    the device), the gradient norm of the update (the last one measured)."""
+    figures = {}
+    for key in records[0]:
+        values = [r[key] for r in records if r[key] is not None]
+        if key.startswith("grad_norm"):
+            figures[key] = values[-1] if values else None
+        else:
+            figures[key] = values[0] if len(values) == 1 else torch.stack(values).mean()
+    return figures
 
 
 def _progress(metrics: dict) -> str:

@@ -51,9 +51,10 @@ def make_npz(path: Path, n: int, side: int = 8, channels: int | None = None, see
     return images, labels
 
 
-@pytest.fixture
-def small_shards(tmp_path):
-    """103 labelled 8x8 grayscale samples in 11 shards of 10 (the last holds 3)."""
+@pytest.fixture(params=["raw", "png"])
+def small_shards(tmp_path, request):
+    """103 labelled 8x8 grayscale samples in 11 shards of 10 (the last holds 3), once in each
+    sample format: every loader guarantee must hold for both."""
     from pipeline.data.prepare import Transform, prepare
 
     images, labels = make_npz(tmp_path / "src.npz", 103)
@@ -61,7 +62,7 @@ def small_shards(tmp_path):
     prepare(
         str(tmp_path / "src.npz"),
         out,
-        Transform(resolution=8, channels=1),
+        Transform(resolution=8, channels=1, image_format=request.param),
         samples_per_shard=10,
         workers=1,
         progress=False,
@@ -110,6 +111,17 @@ def train_overrides(shards, tmp_path, *extra) -> list[str]:
         "eval.fid_every=0",
         *extra,
     ]
+
+
+def step_losses(trainer, batches, steps: int) -> list[tuple[float, float]]:
+    """(loss_D, loss_G) of each of the next `steps` training steps, read as a logging step reads
+    them (trainer.read_metrics: reduced over ranks; a window of one step is that step's value)."""
+    losses = []
+    for _ in range(steps):
+        trainer.train_step(batches)
+        metrics = trainer.read_metrics()
+        losses.append((metrics["loss_D"], metrics["loss_G"]))
+    return losses
 
 
 class MlflowServer:

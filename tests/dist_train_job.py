@@ -14,6 +14,7 @@ import torch.distributed as dist
 from pipeline import engines, losses
 from pipeline.config import load_config
 from pipeline.dist import detect, teardown
+from pipeline.images import from_uint8
 from pipeline.tracking import make_tracker
 from pipeline.train import Trainer
 
@@ -39,7 +40,7 @@ def gather(value):
 
 
 # One D micro-step by hand, to look at the gradients between backward and step.
-real = next(batches).images
+real = from_uint8(next(batches).images)
 with torch.no_grad():
     fake = trainer.g_engine.module(trainer.latents(real.shape[0]))
 loss = losses.d_loss("nonsaturating", trainer.d_engine(real), trainer.d_engine(fake))
@@ -48,7 +49,10 @@ grads = torch.cat([p.grad.flatten() for p in trainer.d_engine.module.parameters(
 evidence = {"d_losses": gather(loss.item()), "d_grads": gather(grads.tolist())}
 trainer.d_engine.step()
 
-history = [trainer.train_step(batches) for _ in range(2)]
+history = []
+for _ in range(2):
+    trainer.train_step(batches)
+    history.append(trainer.read_metrics())  # a logging step: reduced over the ranks
 flat = lambda module: torch.cat([p.detach().float().flatten() for p in module.parameters()]).tolist()  # noqa: E731
 evidence |= {
     "g": gather(flat(trainer.g_engine.module)),

@@ -17,7 +17,7 @@ from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.export import load_generator
 from pipeline.train import Trainer, resolve_run
-from tests.conftest import REPO, child_env, run_cli, train_overrides
+from tests.conftest import REPO, child_env, run_cli, step_losses, train_overrides
 
 
 def make(dist_single, shards, tmp_path, *extra):
@@ -26,8 +26,7 @@ def make(dist_single, shards, tmp_path, *extra):
 
 
 def losses_of(trainer, steps):
-    batches = trainer.loader.forever()
-    return [(m["loss_D"], m["loss_G"]) for m in (trainer.train_step(batches) for _ in range(steps))]
+    return step_losses(trainer, trainer.loader.forever(), steps)
 
 
 def test_checkpoint_contents_and_exact_continuation(dist_single, mnist_shards, tmp_path):

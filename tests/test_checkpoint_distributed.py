@@ -19,6 +19,8 @@ from pipeline.dist import free_port
 from pipeline.errors import EXIT_REQUEUE
 from tests.conftest import DEEPSPEED, REPO, child_env, run, train_overrides
 
+SYNC_EVERY = 4
+
 
 def launch_command(shards, tmp_path, name, steps, *extra):
     overrides = train_overrides(shards, tmp_path, f"train.steps={steps}", f"train.run_name={name}", *extra)
@@ -69,6 +71,7 @@ def test_signal_to_one_rank_checkpoints_all_and_requeues(dist_single, mnist_shar
         "train.checkpoint_every=1000",
         "deepspeed.gradient_accumulation=2",
         "data.workers=2",
+        f"train.sync_every={SYNC_EVERY}",
     )
     run_dir = tmp_path / "runs" / "pre"
     launcher = subprocess.Popen(
@@ -84,6 +87,7 @@ def test_signal_to_one_rank_checkpoints_all_and_requeues(dist_single, mnist_shar
         (run_dir / "metrics.jsonl").exists() and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 3
     ):
         time.sleep(0.05)
+    signalled_at = len((run_dir / "metrics.jsonl").read_text().splitlines())  # steps done (log_every=1)
     rank_process(launcher, 1).send_signal(signal.SIGUSR1)  # to one rank only
     rank0 = rank_process(launcher, 0)
     while time.time() < deadline and not list((run_dir / "checkpoints").glob("*.tmp")):
@@ -101,6 +105,9 @@ def test_signal_to_one_rank_checkpoints_all_and_requeues(dist_single, mnist_shar
     stopped_at = per_step(run_dir)[-1][0]
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{stopped_at:07d}" and 3 <= stopped_at < steps
+    # Acted on at the first agreement after the signal: ranks agree every sync_every (4) steps,
+    # and the signal may land just after one (a step of slack for the ranks' own progress).
+    assert stopped_at % SYNC_EVERY == 0 and signalled_at <= stopped_at <= signalled_at + SYNC_EVERY + 1
     assert not list((run_dir / "checkpoints").glob("*.tmp"))
 
     resumed = run([*launch_command(mnist_shards, tmp_path, "pre", steps, *extra), "--resume", "auto"], timeout=300)

@@ -19,6 +19,7 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.data.loader import ShardedLoader
+from pipeline.data.manifest import load_manifest
 from pipeline.errors import UserError
 
 N_SAMPLES = 103  # the small_shards fixture: 11 shards of 10, 10, ..., 3
@@ -79,11 +80,9 @@ def test_shuffle_is_a_function_of_seed_and_epoch(small_shards):
 def test_batches_hold_the_stored_images_and_labels(small_shards):
     shards, images, labels = small_shards
     for batch in loader_for(shards, workers=1):
-        assert batch.images.dtype == torch.float32 and batch.images.shape == (4, 1, 8, 8)
-        assert batch.images.min() >= -1 and batch.images.max() <= 1
+        assert batch.images.dtype == torch.uint8 and batch.images.shape == (4, 8, 8, 1)  # scaled on the device
         index = [int(key) for key in batch.keys]
-        expected = torch.from_numpy(images[index]).float().div(127.5).sub(1).unsqueeze(1)
-        assert torch.equal(batch.images, expected)
+        assert torch.equal(batch.images, torch.from_numpy(images[index]).unsqueeze(-1))
         assert batch.labels.tolist() == labels[index].tolist()
 
 
@@ -102,9 +101,15 @@ def test_resume_two_ranks_two_workers_yields_the_same_batches(small_shards, stop
         assert keys == straight_keys, f"rank {rank}"
 
 
+def image_member(shards, key):
+    """The tar member name of sample KEY's image in the fixture's format (png or raw)."""
+    return f"{key}.{load_manifest(shards)['image_ext']}"
+
+
 def rewrite_member(path, member_name, data):
     """Replace one member's bytes (same tar structure, new content)."""
     with tarfile.open(path) as tf:
+        assert member_name in tf.getnames()
         members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
         for member, content in members:
@@ -115,7 +120,7 @@ def rewrite_member(path, member_name, data):
 
 def test_corrupt_sample_is_skipped_counted_and_logged(small_shards, caplog):
     shards, _, _ = small_shards
-    rewrite_member(shards / "train-000002.tar", "000000021.png", b"\x89PNG\r\n\x1a\n garbage")
+    rewrite_member(shards / "train-000002.tar", image_member(shards, "000000021"), b"\x89PNG\r\n\x1a\n garbage")
     loader = loader_for(shards, shuffle=False)
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         batches = list(loader)
@@ -125,15 +130,37 @@ def test_corrupt_sample_is_skipped_counted_and_logged(small_shards, caplog):
     assert "skipping corrupt sample 000000021" in caplog.text and "train-000002.tar" in caplog.text
 
 
-def test_wrong_image_shape_counts_as_corrupt(small_shards):
+@pytest.mark.parametrize("size", [7, 9])  # a smaller and a larger image than the dataset's 8x8
+def test_wrong_image_shape_counts_as_corrupt(small_shards, size, caplog):
     shards, _, _ = small_shards
     from PIL import Image
 
-    big = io.BytesIO()
-    Image.new("L", (9, 9)).save(big, format="PNG")
-    rewrite_member(shards / "train-000000.tar", "000000003.png", big.getvalue())
-    loader = loader_for(shards, workers=2)
-    assert len(list(loader)) == N_SAMPLES // 4 and loader.corrupt_samples == 1
+    member = image_member(shards, "000000003")
+    if member.endswith(".png"):
+        wrong = io.BytesIO()
+        Image.new("L", (size, size)).save(wrong, format="PNG")
+        data = wrong.getvalue()
+    else:
+        data = bytes(size * size)  # raw: a member of the wrong length (a square of another side)
+    rewrite_member(shards / "train-000000.tar", member, data)
+    loader = loader_for(shards)  # in this process, where caplog sees the warning
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        assert len(list(loader)) == N_SAMPLES // 4 and loader.corrupt_samples == 1
+    assert "skipping corrupt sample 000000003" in caplog.text
+
+
+def test_raw_and_png_shards_give_bit_identical_batches(tmp_path):
+    from pipeline.data.prepare import Transform, prepare
+    from tests.conftest import make_npz
+
+    make_npz(tmp_path / "src.npz", 50, channels=3)
+    for fmt in ("raw", "png"):
+        prepare(str(tmp_path / "src.npz"), tmp_path / fmt, Transform(8, 3, image_format=fmt), 16, progress=False)
+    batches = {fmt: list(loader_for(tmp_path / fmt, 1, 2, workers=1)) for fmt in ("raw", "png")}
+    assert len(batches["raw"]) == len(batches["png"]) == 50 // 8
+    for raw, png in zip(batches["raw"], batches["png"], strict=True):
+        assert raw.keys == png.keys and torch.equal(raw.labels, png.labels)
+        assert raw.images.shape == (4, 8, 8, 3) and torch.equal(raw.images, png.images)
 
 
 def test_unreadable_class_counts_as_corrupt(small_shards, caplog):

@@ -30,7 +30,10 @@ def read_split(out, split="train"):
     samples = []
     for entry in manifest_shards(manifest, split):
         for _, key, files in iter_samples(entry.url):
-            image = np.asarray(Image.open(io.BytesIO(files.get("png") or files["jpg"])))
+            if "raw" in files:
+                image = np.frombuffer(files["raw"], np.uint8).reshape(manifest["sample"]["shape"])
+            else:
+                image = np.asarray(Image.open(io.BytesIO(files.get("png") or files["jpg"])))
             samples.append(
                 (key, image if image.ndim == 3 else image[:, :, None], int(files["cls"]) if "cls" in files else None)
             )
@@ -303,3 +306,36 @@ def test_real_mnist_offline(tmp_path):
     assert [s[2] for s in samples] == group["test_labels"][:1000].tolist()
     assert manifest["count"] == 1000 and len(manifest["splits"]["train"]["shards"]) == 4
     assert 20 < np.stack([s[1] for s in samples]).mean() < 60  # real digits: mostly black background
+
+
+def test_a_prepared_dataset_converts_to_another_format_keeping_keys_labels_and_splits(tmp_path):
+    images, labels = make_npz(tmp_path / "a.npz", 60, side=12, channels=3)
+    prepare(str(tmp_path / "a.npz"), tmp_path / "png", Transform(12, 3, image_format="png"), 16, 0.25, 3, workers=1)
+    converted = run_cli("prepare", tmp_path / "png", tmp_path / "raw", "--format", "raw", "--no-progress")
+    assert converted.returncode == 0, converted.stderr
+    back = run_cli("prepare", tmp_path / "raw/manifest.json", tmp_path / "back", "--format", "png", "--no-progress")
+    assert back.returncode == 0, back.stderr
+    raw_manifest = load_manifest(tmp_path / "raw")
+    assert raw_manifest["image_ext"] == "raw" and raw_manifest["sample"] == {"shape": [12, 12, 3], "dtype": "uint8"}
+    assert raw_manifest["resolution"] == 12 and raw_manifest["source"]["converted_from"] == "png"
+    for split in ("train", "val"):
+        _, original = read_split(tmp_path / "png", split)
+        for name in ("raw", "back"):
+            _, samples = read_split(tmp_path / name, split)
+            assert [k for k, *_ in samples] == [k for k, *_ in original]  # same keys, same split, same order
+            assert [lab for *_, lab in samples] == [lab for *_, lab in original]
+            assert all(np.array_equal(a[1], b[1]) for a, b in zip(samples, original, strict=True))
+    _, train = read_split(tmp_path / "raw", "train")
+    assert np.array_equal(train[0][1], images[int(train[0][0])]) and train[0][2] == labels[int(train[0][0])]
+    assert load_manifest(tmp_path / "back")["splits"] == load_manifest(tmp_path / "png")["splits"]  # byte-identical
+
+
+def test_converting_a_truncated_dataset_is_a_clear_error(tmp_path):
+    make_npz(tmp_path / "a.npz", 30, side=8)
+    prepare(str(tmp_path / "a.npz"), tmp_path / "raw", Transform(8, 1), samples_per_shard=10, workers=1)
+    shard = tmp_path / "raw" / "train-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: 512 * 7])
+    result = run_cli("prepare", tmp_path / "raw", tmp_path / "png", "--format", "png")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "train-000001.tar holds 1 of the 10 samples its manifest lists (truncated?)" in result.stderr
+    assert not (tmp_path / "png" / "manifest.json").exists()

@@ -47,24 +47,32 @@ def test_two_ranks_identical_gradients_and_weights(warm_ops, mnist_shards, tmp_p
     assert evidence["losses"][0] == evidence["losses"][1]  # reduced metrics agree on every rank
 
 
-def test_torchrun_and_deepspeed_module_cli_give_identical_runs(warm_ops, mnist_shards, tmp_path):
-    """The CLI under `torchrun -m pipeline` and under `deepspeed --module pipeline` (the README's
-    main job), same seed and world size: identical per-step losses, launcher to launcher."""
+def test_torchrun_and_deepspeed_runs_agree_and_records_are_means_over_their_steps(warm_ops, mnist_shards, tmp_path):
+    """The CLI under `torchrun -m pipeline` (recording every step) and under `deepspeed --module
+    pipeline` (the README's main job, recording every 3rd step), same seed and world size: each
+    of deepspeed's records holds the means of torchrun's per-step values over its 3 steps. So the
+    launchers run the same training, and a record read once per window (one all-reduce and one
+    host copy, pipeline/metrics.py) equals what reading every step the old way gave."""
     port = free_port()
     launchers = {
-        "torchrun": [*TORCHRUN_2, "-m"],
-        "deepspeed": [DEEPSPEED, "--num_gpus", "2", "--master_port", port, "--module"],
+        "torchrun": ([*TORCHRUN_2, "-m"], "train.log_every=1"),
+        "deepspeed": ([DEEPSPEED, "--num_gpus", "2", "--master_port", port, "--module"], "train.log_every=3"),
     }
-    losses = []
-    for name, launcher in launchers.items():
-        overrides = train_overrides(mnist_shards, tmp_path, "train.steps=3", f"train.run_name={name}")
+    records = {}
+    for name, (launcher, log_every) in launchers.items():
+        overrides = train_overrides(mnist_shards, tmp_path, "train.steps=6", f"train.run_name={name}", log_every)
         result = run(
             [*launcher, "pipeline", "train", "--config", REPO / "configs/mnist32.yaml", *overrides], timeout=300
         )
         assert result.returncode == 0, result.stderr[-4000:]
-        records = [json.loads(line) for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        lines = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        records[name] = [json.loads(line) for line in lines]
         assert f"launcher={name} world_size=2" in (tmp_path / "runs" / name / "train.log").read_text()
-        losses.append([(r["loss_D"], r["loss_G"]) for r in records])
-    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    every_step, windows = records["torchrun"], records["deepspeed"]
+    assert [r["step"] for r in every_step] == [1, 2, 3, 4, 5, 6] and [r["steps_in_mean"] for r in every_step] == [1] * 6
+    assert [r["step"] for r in windows] == [3, 6] and [r["steps_in_mean"] for r in windows] == [3, 3]
+    for window, steps in zip(windows, (every_step[:3], every_step[3:]), strict=True):
+        for key in ("loss_D", "loss_G", "D_x", "D_G_z", "grad_norm_D", "grad_norm_G"):
+            assert window[key] == pytest.approx(sum(r[key] for r in steps) / 3, rel=1e-9, abs=1e-12), key
     # DeepSpeed's CPU shm all-reduce segments are gone after the run (it never unlinks them itself).
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

@@ -7,6 +7,7 @@ Callers catch `BadSample` alone, so a bug in our own code still raises with its 
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ from PIL import Image
 
 # Image types we read, as file suffixes (without the dot) and as WebDataset member names.
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp", "bmp")
+# `prepare --format raw`: the image's uncompressed uint8 H x W x C bytes, no header. Read
+# without Pillow (a memory view and a reshape), for loaders that must feed GPUs.
+RAW_EXTENSION = "raw"
 
 
 class BadSample(ValueError):
@@ -38,12 +42,33 @@ def open_image(source: bytes | str | Path) -> Image.Image:
     return image
 
 
+def square_shape(size: int) -> tuple[int, int, int]:
+    """The H x W x C of a square raw image from its byte count: side*side (grayscale) or
+    side*side*3 (RGB). Never both, as 3 is not a square; used when no manifest gives the shape."""
+    for channels in (1, 3):
+        side = math.isqrt(size // channels)
+        if side > 0 and side * side * channels == size:
+            return side, side, channels
+    raise BadSample(f"raw image of {size} bytes is not a square grayscale or RGB uint8 image")
+
+
+def decode_raw(data: bytes, shape: tuple[int, int, int] | None) -> np.ndarray:
+    """A read-only uint8 H x W x C view of a raw member's bytes."""
+    shape = shape or square_shape(len(data))
+    if len(data) != math.prod(shape):
+        raise BadSample(f"raw image holds {len(data)} bytes; the dataset's {shape} uint8 needs {math.prod(shape)}")
+    return np.frombuffer(data, np.uint8).reshape(shape)
+
+
 def decode_sample(files: dict, shape: tuple[int, int, int] | None) -> tuple[np.ndarray, int | None]:
     """(uint8 H x W x C image, class or None) from a WebDataset sample's members."""
-    ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
-    if ext is None:
-        raise BadSample(f"no image member (has: {', '.join(files) or 'nothing'})")
-    array = np.asarray(open_image(files[ext]), dtype=np.uint8)
+    if RAW_EXTENSION in files:
+        array = decode_raw(files[RAW_EXTENSION], shape)
+    else:
+        ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+        if ext is None:
+            raise BadSample(f"no image member (has: {', '.join(files) or 'nothing'})")
+        array = np.asarray(open_image(files[ext]), dtype=np.uint8)
     if array.ndim == 2:
         array = array[:, :, None]
     if shape is not None and array.shape != shape:

@@ -47,13 +47,12 @@ from pipeline.config import DataConfig
 from pipeline.data.decode import BadSample, decode_sample
 from pipeline.data.shards import iter_samples, resolve_shards, verify_shards
 from pipeline.errors import UserError
-from pipeline.images import from_uint8
 
 log = logging.getLogger("pipeline.data")
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # float32 N x C x H x W in [-1, 1] (uint8 N x H x W x C while in transit from workers)
+    images: torch.Tensor  # uint8 N x H x W x C as stored (pinned with CUDA); the trainer scales on the device
     labels: torch.Tensor | None  # int64 N, when the shards carry .cls
     keys: list[str]  # sample keys as delivered (a replaced corrupt sample shows its replacement's key)
     n_corrupt: int  # samples of this batch that were corrupt or missing and got replaced
@@ -278,7 +277,7 @@ class ShardedLoader:
             for batch in batches:
                 self.batches_consumed += 1
                 self.corrupt_samples += batch.n_corrupt
-                yield batch._replace(images=from_uint8(batch.images))
+                yield batch
         finally:
             # Stop the workers here on every exit path, including an exception or close() of the
             # caller's generator: at interpreter exit DataLoader skips its own shutdown and

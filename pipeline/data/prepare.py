@@ -1,8 +1,11 @@
 """`pipeline prepare SOURCE OUT_DIR`: any image source -> WebDataset tar shards + manifest.json.
 
-Each sample is `<key>.png` (or `.jpg`) plus `<key>.cls` (ASCII class index) when the
+Each sample is `<key>.png` (or `.jpg`, or `.raw`: the uncompressed uint8 H x W x C bytes,
+whose shape and dtype the manifest records) plus `<key>.cls` (ASCII class index) when the
 source has labels. Keys are the source's stable item index, zero-padded, so the same
 source always gives the same keys and, with the same options, byte-identical shards.
+A prepared dataset (its manifest) is a source too: that re-encodes it into another format
+keeping every sample's key, label and split.
 
 Crash safety: shards are written into `OUT_DIR/.staging-<pid>/` and moved into place
 only when all are complete; manifest.json is written last by atomic rename, after
@@ -48,6 +51,7 @@ FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
     "nearest": Image.Resampling.NEAREST,
 }
+FORMATS = ("raw", "png", "jpg")
 REJECTS_NAME = "rejects.jsonl"
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
@@ -57,7 +61,7 @@ class Transform:
     resolution: int = 32
     channels: int = 1
     filter: str = "auto"  # box when shrinking, bilinear when enlarging
-    image_format: str = "png"
+    image_format: str = "raw"
     quality: int = 95  # jpg only
 
     def __post_init__(self):
@@ -67,8 +71,8 @@ class Transform:
             raise UserError(f"--channels must be 1 or 3, got {self.channels}")
         if self.filter != "auto" and self.filter not in FILTERS:
             raise UserError(f"--filter must be auto or one of {', '.join(FILTERS)}, got {self.filter!r}")
-        if self.image_format not in ("png", "jpg"):
-            raise UserError(f"--format must be png or jpg, got {self.image_format!r}")
+        if self.image_format not in FORMATS:
+            raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {self.image_format!r}")
         if not 1 <= self.quality <= 100:
             raise UserError(f"--quality must be in 1..100, got {self.quality}")
 
@@ -100,7 +104,7 @@ def _normalise_mode(image: Image.Image, channels: int) -> Image.Image:
 
 
 def transform_image(payload, transform: Transform) -> bytes:
-    """Decode, center-crop to a square, resize, convert channels, encode."""
+    """Decode, center-crop to a square, resize, convert channels, encode (raw: just the bytes)."""
     image = _normalise_mode(_to_pil(payload), transform.channels)
     width, height = image.size
     side = min(width, height)
@@ -113,6 +117,8 @@ def transform_image(payload, transform: Transform) -> bytes:
         if name == "auto":
             name = "box" if side > transform.resolution else "bilinear"
         image = image.resize((transform.resolution, transform.resolution), FILTERS[name])
+    if transform.image_format == "raw":
+        return np.asarray(image, dtype=np.uint8).tobytes()  # H x W (x C), C-order: what decode_raw reads
     out = io.BytesIO()
     if transform.image_format == "png":
         image.save(out, format="PNG", compress_level=6)
@@ -309,9 +315,9 @@ def prepare(
                 in_flight.extend(executor.submit(_process_chunk, c) for c in itertools.islice(chunks, 1))
                 for kind, index, a, b in results:
                     if kind == "ok":
-                        source_id = source.items[index].source_id
-                        split = split_of(source_id, val_fraction, split_seed)
-                        writers[split].write(f"{index:0{key_width}d}", a, b)
+                        item = source.items[index]
+                        split = item.split or split_of(item.source_id, val_fraction, split_seed)
+                        writers[split].write(item.key or f"{index:0{key_width}d}", a, b)
                     else:
                         rejects.append({"index": index, "source_id": a, "reason": b})
                 bar.update(len(results))
@@ -343,6 +349,7 @@ def prepare(
             "resolution": transform.resolution,
             "channels": transform.channels,
             "image_ext": ext,
+            "sample": {"shape": [transform.resolution, transform.resolution, transform.channels], "dtype": "uint8"},
             "labels": {"num_classes": len(source.class_names), "class_names": source.class_names}
             if source.class_names
             else None,

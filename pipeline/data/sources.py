@@ -21,7 +21,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.data.decode import is_image_name
+from pipeline.data.decode import IMAGE_EXTENSIONS, RAW_EXTENSION, BadSample, decode_raw, is_image_name
+from pipeline.data.manifest import MANIFEST_NAME, load_manifest, manifest_shards
+from pipeline.data.shards import check_present, iter_samples
 from pipeline.errors import UserError
 
 BUILTIN_MNIST = ("mnist", "mnist:train", "mnist:test")
@@ -33,6 +35,8 @@ class Item:
     source_id: str  # human-readable origin, used in rejects and for the train/val split hash
     payload: Any  # Path (file to read), bytes (encoded image) or np.ndarray (uint8 HW / HWC)
     label: int | None = None
+    split: str | None = None  # a prepared dataset's own split (else prepare's --val-fraction decides)
+    key: str | None = None  # a prepared dataset's own sample key (else derived from index)
 
 
 @dataclass
@@ -56,6 +60,8 @@ def open_source(spec: str, use_labels: bool = True, subset: str = "train") -> So
     if not path.exists():
         raise UserError(f"source not found: {spec}")
     name = path.name.lower()
+    if is_prepared(path):
+        return _prepared(path, use_labels)
     if path.is_dir():
         idx = _find_idx_images(path, subset)
         if idx is not None:
@@ -70,7 +76,8 @@ def open_source(spec: str, use_labels: bool = True, subset: str = "train") -> So
     if name.endswith((".tar.gz", ".tgz", ".tar")) and _is_cifar10(path):
         return _cifar10(path, subset, use_labels)
     raise UserError(
-        f"unknown source {spec}: expected a folder of images, a .zip of images, MNIST idx files "
+        f"unknown source {spec}: expected a folder of images, a .zip of images, a prepared dataset "
+        "(its manifest.json or folder), MNIST idx files "
         "(*-images-idx3-ubyte[.gz] or a folder of them), the CIFAR-10 python tarball, a .npz with a "
         "uint8 image array, or the built-in 'mnist' / 'mnist:test'"
     )
@@ -213,6 +220,59 @@ def _read_npz(path: Path, use_labels: bool) -> Source:
         labels = arrays[label_key] if (use_labels and label_key) else None
     names = [str(c) for c in np.unique(labels)] if labels is not None else None
     return _array_source(str(path), "npz", images, labels, names)
+
+
+def is_prepared(spec: str | Path) -> bool:
+    path = Path(spec)
+    return path.name.lower().endswith(".json") or (path / MANIFEST_NAME).is_file()
+
+
+def prepared_layout(spec: str | Path) -> dict:
+    """A prepared dataset's resolution, channels and samples_per_shard: what re-encoding it keeps
+    unless told otherwise ({} for another kind of source)."""
+    if not is_prepared(spec):
+        return {}
+    manifest = load_manifest(spec)
+    return {k: manifest[k] for k in ("resolution", "channels", "samples_per_shard")}
+
+
+def _stored_sample(files: dict, shape: tuple | None, use_labels: bool) -> tuple:
+    """(payload, label) of one stored sample: a raw image as an array, an encoded one as its
+    bytes; an unusable sample's payload is the reason, which prepare lists as a reject."""
+    try:
+        label = int(files["cls"]) if use_labels and "cls" in files else None
+        if RAW_EXTENSION in files:
+            return decode_raw(files[RAW_EXTENSION], shape), label
+        ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+        if ext is None:
+            raise BadSample(f"no image member (has: {', '.join(files) or 'nothing'})")
+        return files[ext], label
+    except (BadSample, ValueError) as exc:
+        return exc, None
+
+
+def _prepared(path: Path, use_labels: bool) -> Source:
+    """A dataset written by `prepare`, to re-encode (say png -> raw) without its original source.
+    Every sample keeps its key, label and split. The payloads are held in memory, as for the
+    other sources."""
+    manifest = load_manifest(path)
+    shape = (manifest["resolution"], manifest["resolution"], manifest["channels"])
+    items = []
+    for split in manifest["splits"]:
+        for entry in manifest_shards(manifest, split):
+            check_present([entry.url])
+            read = 0
+            for _, key, files in iter_samples(entry.url):
+                read += 1
+                payload, label = _stored_sample(files, shape, use_labels)
+                items.append(Item(len(items), f"{split}/{key}", payload, label, split, key))
+            if read != entry.count:
+                raise UserError(
+                    f"{entry.url} holds {read} of the {entry.count} samples its manifest lists "
+                    "(truncated?): prepare it again from the original source"
+                )
+    names = (manifest.get("labels") or {}).get("class_names") if use_labels else None
+    return Source(str(path), "prepared", items, names, {"converted_from": manifest.get("image_ext")})
 
 
 def _is_cifar10(path: Path) -> bool:

@@ -1,0 +1,37 @@
+"""The benchmarks that guard the hot path keep running: small CPU runs of the same code paths
+they time. Their figures are not asserted (speed is measured by the benchmarks, on a quiet
+machine); what is asserted is that every figure is produced and the closing JSON line is whole.
+The GPU-only parts of the GPU check (fp16, host-sync counting) run only on a GPU."""
+
+import json
+import sys
+
+from tests.conftest import REPO, run
+
+
+def closing_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_gpu_check_runs_on_cpu(dist_single):
+    """dist_single first: DeepSpeed's CPU comm op is compiled once, in one process."""
+    command = [sys.executable, REPO / "bench/gpu_train_check.py", "--device", "cpu"]
+    result = run([*command, "--steps", "1", "--batch", "8", "--resolution", "32", "--warmup", "1"], timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    line = closing_json(result.stdout)
+    assert line["benchmark"] == "gpu_train_check" and line["device"] == "cpu"
+    for name in ("ours_bf16", "ours_fp32", "ours_bf16_channels_last", "ours_bf16_compile", "ours_bf16_loader_fed"):
+        assert line["figures"][name] > 0, name
+    assert set(line["baseline"]) == {"plain_bf16", "plain_fp32"} and all(v > 0 for v in line["baseline"].values())
+    expected = {"channels_last_on_over_off", "compile_on_over_off", "loader_fed_over_in_memory"}
+    assert expected <= set(line["ratios"]) and 0 <= line["figures"]["loader_fed_data_wait_share"] <= 1
+
+
+def test_loader_benchmark_runs(tmp_path):
+    command = [sys.executable, REPO / "bench/loader_throughput.py", "--images", "300", "--epochs", "1"]
+    result = run([*command, "--resolutions", "32"], timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    line = closing_json(result.stdout)
+    figures = line["figures"]["32x32x3"]
+    assert line["benchmark"] == "loader_throughput" and line["workers"] == 1
+    assert min(figures["raw_images_per_s"], figures["png_images_per_s"], figures["png_folder_images_per_s"]) > 0
