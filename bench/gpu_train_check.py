@@ -87,14 +87,21 @@ def run_steps(trainer, batches, steps: int) -> float:
         if trainer.global_step % sync_every == 0:
             trainer.settle()
 
-    for _ in range(WARMUP):  # cuDNN autotune, allocator, compilation
+    # the window's figures (data-wait share) cover the timed steps only
+    return timed(step, trainer.device, steps, after_warmup=trainer.window.reset)
+
+
+def timed(step, device, steps: int, after_warmup=lambda: None) -> float:
+    """images/s of `steps` calls of step() after WARMUP untimed ones (cuDNN autotune, allocator,
+    compilation), the device drained before and after."""
+    for _ in range(WARMUP):
         step()
-    sync(trainer.device)
-    trainer.window.reset()  # the window's figures (data-wait share) cover the timed steps only
+    sync(device)
+    after_warmup()
     started = time.perf_counter()
     for _ in range(steps):
         step()
-    sync(trainer.device)
+    sync(device)
     return steps * BATCH / (time.perf_counter() - started)
 
 
@@ -155,14 +162,7 @@ def plain(info, steps, precision):
         scaler.update()
         loop.d.requires_grad_(True)
 
-    for _ in range(WARMUP):
-        step()
-    sync(info.device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(info.device)
-    rate = steps * BATCH / (time.perf_counter() - started)
+    rate = timed(step, info.device, steps)
     print(f"{'plain ' + precision:>28}: {rate:,.0f} images/s", flush=True)
     return rate
 
