@@ -63,6 +63,29 @@ def test_batch_sequence_does_not_depend_on_worker_count(small_shards):
     assert epoch_keys(loader_for(shards, 1, 2, workers=3, prefetch_batches=1)) == reference
 
 
+def test_forever_streams_epochs_from_one_set_of_workers_in_the_same_order(small_shards):
+    """forever() keeps its workers across epochs: 25 batches of 4 per epoch on one rank, so
+    with 3 workers each new epoch starts on a different worker; the sequence must still be
+    epoch 0, then epoch 1, ... exactly as epoch-by-epoch iteration gives it."""
+    shards, _, _ = small_shards
+    by_epoch = loader_for(shards, workers=0)
+    reference = [keys for _ in range(3) for keys in epoch_keys(by_epoch)]
+    streamed = loader_for(shards, workers=3)
+    keys = [b.keys for _, b in zip(range(len(reference)), streamed.forever(), strict=False)]
+    assert keys == reference
+    assert streamed.state_dict()["epoch"] == 3 and streamed.state_dict()["batches_consumed"] == 0
+
+
+def test_a_state_saved_at_an_epochs_very_end_resumes_at_the_next_epoch(small_shards):
+    """Older versions saved (epoch, batches_per_epoch) after an epoch's last batch."""
+    shards, _, _ = small_shards
+    straight = loader_for(shards)
+    expected = [epoch_keys(straight) for _ in range(2)][1]
+    resumed = loader_for(shards)
+    resumed.load_state_dict({"epoch": 0, "batches_consumed": len(resumed)})
+    assert [b.keys for _, b in zip(range(len(expected)), resumed.forever(), strict=False)] == expected
+
+
 def test_shuffle_is_a_function_of_seed_and_epoch(small_shards):
     shards, _, _ = small_shards
     first = loader_for(shards, seed=5)
