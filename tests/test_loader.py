@@ -86,6 +86,53 @@ def test_a_state_saved_at_an_epochs_very_end_resumes_at_the_next_epoch(small_sha
     assert [b.keys for _, b in zip(range(len(expected)), resumed.forever(), strict=False)] == expected
 
 
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_an_epoch_resumed_on_other_world_sizes_sees_every_remaining_sample_once(small_shards, remainder):
+    """2 ranks x 5 batches of 4, then 1 rank x 7 batches, then 3 ranks of 3 to the epoch's end
+    (each rank building its loader from the state rank 0 saved, as a resumed job does): no
+    sample twice, and everything not consumed is seen, but for the remainder rule applied to
+    what the last world size had left (35 samples in groups of 9)."""
+    shards, _, _ = small_shards
+    seen = []
+
+    def segment(world, batches, state, batch_per_rank=4):
+        loaders = [
+            loader_for(shards, r, world, batch_per_rank=batch_per_rank, epoch_remainder=remainder) for r in range(world)
+        ]
+        for loader in loaders:
+            if state is not None:
+                loader.load_state_dict(state)
+        counts = {len(loader) for loader in loaders}
+        assert len(counts) == 1, "ranks disagree on the epoch's length"
+        for loader in loaders:
+            taken = [b.keys for _, b in zip(range(batches), loader, strict=False)] if batches else epoch_keys(loader)
+            seen.extend(key for keys in taken for key in keys)
+        return loaders[0].state_dict(), counts.pop()
+
+    state, _ = segment(2, 5, None)
+    state, _ = segment(1, 7, state)
+    assert len(seen) == len(set(seen)) == 68
+    state, length = segment(3, 0, state, batch_per_rank=3)
+    assert state["epoch"] == 1 and state["history"] == [] and state["batches_consumed"] == 0
+    counts = Counter(seen)
+    if remainder == "drop":
+        assert length == 35 // 9 and max(counts.values()) == 1 and len(counts) == N_SAMPLES - 35 % 9
+    else:
+        assert length == math.ceil(35 / 9) and len(counts) == N_SAMPLES
+        assert sum(counts.values()) - N_SAMPLES == 9 - 35 % 9  # the padding repeats from the remaining samples
+    next_epoch = loader_for(shards, 0, 3, batch_per_rank=3, epoch_remainder=remainder)
+    next_epoch.load_state_dict(state)
+    assert epoch_keys(next_epoch) == [b.keys for b in _epoch_of(shards, 1, remainder)]  # a plain epoch again
+
+
+def _epoch_of(shards, epoch, remainder):
+    """Rank 0 of 3 (batch 3): epoch `epoch` of a run that always had this world size."""
+    loader = loader_for(shards, 0, 3, batch_per_rank=3, epoch_remainder=remainder)
+    for _ in range(epoch):
+        epoch_keys(loader)
+    return list(loader)
+
+
 def test_shuffle_is_a_function_of_seed_and_epoch(small_shards):
     shards, _, _ = small_shards
     first = loader_for(shards, seed=5)

@@ -60,9 +60,21 @@ class Batch(NamedTuple):
     n_corrupt: int  # samples of this batch that were corrupt or missing and got replaced
 
 
+# An earlier part of the current epoch, run with another world size or batch:
+# (world_size, batch_per_rank, batches each rank consumed). See EpochLayout.
+Segment = tuple[int, int, int]
+
+
 @dataclass(frozen=True)
 class EpochLayout:
-    """The plan's inputs that every rank shares."""
+    """The plan's inputs that every rank shares.
+
+    Segments (elastic resume): a run resumed on another world size or batch continues the
+    epoch it stopped in. The samples each earlier segment's ranks consumed are known from
+    (world_size, batch_per_rank, batches) alone, as every plan here is a pure function; the
+    samples of the stream that remain, in stream order, are planned again with this layout,
+    the remainder rule applied to them. So nothing consumed is seen again this epoch and
+    everything else is seen once (or dropped/padded by the rule, as in any epoch)."""
 
     counts: tuple[int, ...]  # samples per shard, in manifest / URL order
     world_size: int
@@ -77,29 +89,52 @@ class EpochLayout:
     def total(self) -> int:
         return sum(self.counts)
 
+    def batch_count(self, samples: int, world_size: int | None = None, batch_per_rank: int | None = None) -> int:
+        """Batches per rank for `samples` samples (this layout's world and batch by default)."""
+        group = (world_size or self.world_size) * (batch_per_rank or self.batch_per_rank)
+        rounding = math.ceil if self.epoch_remainder == "pad" else math.floor
+        return int(rounding(samples / group))
+
     @property
     def batches_per_epoch(self) -> int:
-        group = self.world_size * self.batch_per_rank
-        rounding = math.ceil if self.epoch_remainder == "pad" else math.floor
-        return int(rounding(self.total / group))
+        return self.batch_count(self.total)
 
-    def rank_batches(self, epoch: int) -> np.ndarray:
-        """(batches_per_epoch, batch_per_rank, 2) array of (shard index, sample index in shard)."""
-        n_batches, batch = self.batches_per_epoch, self.batch_per_rank
+    def remaining(self, epoch: int, history: tuple[Segment, ...]) -> np.ndarray:
+        """Stream positions of `epoch` that the segments in `history` did not consume, in order."""
+        left = np.arange(self.total, dtype=np.int64)
+        for index, (world, batch, consumed) in enumerate(history):
+            taken = [self._slice(left, world, batch, r, epoch, index)[: consumed * batch] for r in range(world)]
+            keep = np.ones(self.total, dtype=bool)
+            keep[np.concatenate(taken)] = False
+            left = left[keep[left]]
+        return left
+
+    def _slice(self, left: np.ndarray, world: int, batch: int, rank: int, epoch: int, segment: int) -> np.ndarray:
+        """Rank `rank`'s stream positions in one segment, in delivery order: its contiguous
+        slice of the positions `left`, shuffled within windows."""
+        per_rank = self.batch_count(len(left), world, batch) * batch
+        positions = left[np.arange(rank * per_rank, (rank + 1) * per_rank, dtype=np.int64) % max(len(left), 1)]
+        if self.shuffle:
+            window = math.ceil(self.shuffle_window / batch) * batch
+            # Segment 0 keeps the seeds of a run that never changed size (bit-exact resumes).
+            key = [self.seed, epoch, rank] if segment == 0 else [self.seed, epoch, segment, rank]
+            for w, start in enumerate(range(0, per_rank, window)):
+                window_rng = np.random.default_rng([*key, w])
+                positions[start : start + window] = window_rng.permutation(positions[start : start + window])
+        return positions
+
+    def rank_batches(self, epoch: int, history: tuple[Segment, ...] = ()) -> np.ndarray:
+        """(batches, batch_per_rank, 2) array of (shard index, sample index in shard): this rank's
+        batches of `epoch` after the segments in `history`."""
         counts = np.asarray(self.counts, dtype=np.int64)
         rng = np.random.default_rng([self.seed, epoch])
         shard_order = rng.permutation(len(counts)) if self.shuffle else np.arange(len(counts))
         ends = np.cumsum(counts[shard_order])  # stream position where each (ordered) shard ends
-        per_rank = n_batches * batch
-        positions = np.arange(self.rank * per_rank, (self.rank + 1) * per_rank, dtype=np.int64) % self.total
-        if self.shuffle:
-            window = math.ceil(self.shuffle_window / batch) * batch
-            for w, start in enumerate(range(0, per_rank, window)):
-                window_rng = np.random.default_rng([self.seed, epoch, self.rank, w])
-                positions[start : start + window] = window_rng.permutation(positions[start : start + window])
+        left = self.remaining(epoch, history)
+        positions = self._slice(left, self.world_size, self.batch_per_rank, self.rank, epoch, len(history))
         slot = np.searchsorted(ends, positions, side="right")
         first = ends[slot] - counts[shard_order][slot]
-        return np.stack([shard_order[slot], positions - first], axis=-1).reshape(n_batches, batch, 2)
+        return np.stack([shard_order[slot], positions - first], axis=-1).reshape(-1, self.batch_per_rank, 2)
 
 
 class _StreamDataset(IterableDataset):
@@ -111,25 +146,25 @@ class _StreamDataset(IterableDataset):
     boundaries, so the DataLoader's round-robin returns them in order and one set of workers
     serves a whole run: no worker restart, and no idle device, at each epoch's start."""
 
-    def __init__(self, urls: list[str], layout: EpochLayout, epoch: int, start_batch: int, epochs: int | None, shape):
+    def __init__(self, urls, layout: EpochLayout, epoch: int, history, start_batch: int, epochs: int | None, shape):
         self.urls, self.layout, self.shape = urls, layout, shape
-        self.epoch, self.start_batch, self.epochs = epoch, start_batch, epochs
+        self.epoch, self.history, self.start_batch, self.epochs = epoch, history, start_batch, epochs
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, first, stream_index = self.epoch, self.start_batch, 0  # stream_index: of batch `first`
         while self.epochs is None or epoch < self.epoch + self.epochs:
-            batch_ids = list(range(first, self.layout.batches_per_epoch))
-            yield from self._epoch(epoch, batch_ids[(worker - stream_index) % n_workers :: n_workers])
+            plan = self.layout.rank_batches(epoch, self.history if epoch == self.epoch else ())
+            batch_ids = list(range(first, len(plan)))
+            yield from self._epoch(epoch, plan, batch_ids[(worker - stream_index) % n_workers :: n_workers])
             epoch, first, stream_index = epoch + 1, 0, stream_index + len(batch_ids)
 
-    def _epoch(self, epoch: int, batch_ids: list[int]) -> Iterator[Batch]:
-        """This worker's batches `batch_ids` of one epoch."""
+    def _epoch(self, epoch: int, plan: np.ndarray, batch_ids: list[int]) -> Iterator[Batch]:
+        """This worker's batches `batch_ids` of one epoch's plan."""
         if not batch_ids:
             return
         layout = self.layout
-        plan = layout.rank_batches(epoch)
         wanted: dict[int, set[int]] = {}
         for shard, index in plan[batch_ids].reshape(-1, 2).tolist():
             wanted.setdefault(shard, set()).add(index)
@@ -270,24 +305,51 @@ class ShardedLoader:
         self.shape = None
         if self.manifest is not None:
             self.shape = (self.manifest["resolution"], self.manifest["resolution"], self.manifest["channels"])
-        self.epoch = 0
-        self.batches_consumed = 0
         self.corrupt_samples = 0
+        self._start_epoch(0)
+
+    def _start_epoch(self, epoch: int, history: tuple[Segment, ...] = (), consumed: int = 0) -> None:
+        """Stand at batch `consumed` of `epoch`, after the earlier segments `history`."""
+        self.epoch, self.history, self.batches_consumed = epoch, history, consumed
+        self._length = self.layout.batch_count(len(self.layout.remaining(epoch, history))) if history else None
+        if consumed == len(self):  # the epoch is used up (or its segment has no whole batch left)
+            self._start_epoch(epoch + 1)
 
     def __len__(self) -> int:
-        return self.layout.batches_per_epoch
+        """Batches of the current epoch (fewer than usual in an epoch resumed on another world size)."""
+        return self.layout.batches_per_epoch if self._length is None else self._length
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed, "corrupt_samples": self.corrupt_samples}
+        """The data position: (epoch, batches consumed) under this world size and batch, after
+        the earlier segments of the epoch (`history`, see EpochLayout)."""
+        return {
+            "epoch": self.epoch,
+            "batches_consumed": self.batches_consumed,
+            "world_size": self.layout.world_size,
+            "batch_per_rank": self.layout.batch_per_rank,
+            "history": [list(segment) for segment in self.history],
+            "corrupt_samples": self.corrupt_samples,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
-        self.batches_consumed = int(state["batches_consumed"])
+        """A state saved under any world size and batch: the same ones continue exactly where they
+        stopped; others close the saved segment and plan the rest of its epoch anew."""
+        layout = self.layout
+        epoch, consumed = int(state["epoch"]), int(state["batches_consumed"])
+        history = tuple(tuple(int(v) for v in segment) for segment in state.get("history", ()))
+        saved = (
+            int(state.get("world_size", layout.world_size)),
+            int(state.get("batch_per_rank", layout.batch_per_rank)),
+        )
+        saved_length = layout.batch_count(len(layout.remaining(epoch, history)), *saved)
+        if not 0 <= consumed <= saved_length:
+            raise UserError(f"loader state: {consumed} batches consumed of a {saved_length}-batch epoch")
+        if saved != (layout.world_size, layout.batch_per_rank) and 0 < consumed < saved_length:
+            history, consumed = (*history, (*saved, consumed)), 0
+        elif consumed == saved_length:  # at the epoch's very end (saved by an older version)
+            epoch, history, consumed = epoch + 1, (), 0
         self.corrupt_samples = int(state.get("corrupt_samples", 0))
-        if not 0 <= self.batches_consumed <= len(self):
-            raise UserError(f"loader state: {self.batches_consumed} batches consumed of a {len(self)}-batch epoch")
-        if self.batches_consumed == len(self):  # saved by an older version at an epoch's very end
-            self.epoch, self.batches_consumed = self.epoch + 1, 0
+        self._start_epoch(epoch, history, consumed)
 
     def __iter__(self) -> Iterator[Batch]:
         """The rest of the current epoch; afterwards the loader stands at the next epoch's start."""
@@ -298,7 +360,9 @@ class ShardedLoader:
         return self._stream(epochs=None)
 
     def _stream(self, epochs: int | None) -> Iterator[Batch]:
-        dataset = _StreamDataset(self.urls, self.layout, self.epoch, self.batches_consumed, epochs, self.shape)
+        dataset = _StreamDataset(
+            self.urls, self.layout, self.epoch, self.history, self.batches_consumed, epochs, self.shape
+        )
         workers = self.config.workers
         loader = DataLoader(
             dataset,
@@ -318,7 +382,7 @@ class ShardedLoader:
                 self.batches_consumed += 1
                 self.corrupt_samples += batch.n_corrupt
                 if self.batches_consumed == len(self):
-                    self.epoch, self.batches_consumed = self.epoch + 1, 0
+                    self._start_epoch(self.epoch + 1)
                 yield batch
         finally:
             # Stop the workers here on every exit path, including an exception or close() of the
