@@ -32,6 +32,9 @@ from torch import nn
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 import deepspeed
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from pipeline.config import Config, OptimizerConfig
 from pipeline.dist import DistInfo
@@ -43,6 +46,9 @@ os.environ.setdefault("DS_LOG_LEVEL", "warning")
 # Each engine saves into a folder of its own, under this tag: DeepSpeed's default tag
 # (global_step{N}) and `latest` file would collide if G and D shared one.
 ENGINE_TAG = "engine"
+# The plain classes DeepSpeed pickles into its ZeRO and bf16 optimizer files (0.19.8): allowed
+# in the weights_only check of Engine.load, which refused every such checkpoint without them.
+DEEPSPEED_FILE_CLASSES = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def init_distributed(info: DistInfo, timeout_minutes: float) -> None:
@@ -233,8 +239,9 @@ class Engine:
         weights_only=False, which can run code from a crafted file, so every file it will
         open for this rank is first loaded with weights_only=True: anything but tensors and
         plain values is refused before DeepSpeed touches it."""
-        for file in state_files(folder, torch.distributed.get_rank()):
-            load_tensors(file, f"{self.name.upper()} engine file")
+        with torch.serialization.safe_globals(DEEPSPEED_FILE_CLASSES):
+            for file in state_files(folder, torch.distributed.get_rank()):
+                load_tensors(file, f"{self.name.upper()} engine file")
         loaded, _ = self.engine.load_checkpoint(str(folder), tag=ENGINE_TAG)
         if loaded is None:
             raise UserError(f"checkpoint {folder.parent}: the {self.name.upper()} engine state did not load")
@@ -246,12 +253,13 @@ class Engine:
         torch.save({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, path)
 
 
-def state_files(folder: Path, rank: int) -> list[Path]:
+def state_files(folder: Path, rank: int | None = None) -> list[Path]:
     """The files of `folder` that DeepSpeed's load_checkpoint unpickles on `rank`: the model
-    states (mp_rank_00_model_states.pt) and, with ZeRO, this rank's optimizer partition
-    (zero_pp_rank_{rank}_mp_rank_00_optim_states.pt)."""
+    states (mp_rank_00_model_states.pt) and, with ZeRO or bf16, this rank's optimizer partition
+    ([bf16_]zero_pp_rank_{rank}_mp_rank_00_optim_states.pt); every rank's with rank None."""
     tag = Path(folder) / ENGINE_TAG
-    return sorted([*tag.glob("*model_states.pt"), *tag.glob(f"zero_pp_rank_{rank}_*.pt")])
+    partitions = "*zero_pp_rank_*.pt" if rank is None else f"*zero_pp_rank_{rank}_*.pt"
+    return sorted([*tag.glob("*model_states.pt"), *tag.glob(partitions)])
 
 
 def compute_dtype(config: Config) -> torch.dtype:

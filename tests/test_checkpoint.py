@@ -29,8 +29,13 @@ def losses_of(trainer, steps):
     return step_losses(trainer, trainer.loader.forever(), steps)
 
 
-def test_checkpoint_contents_and_exact_continuation(dist_single, mnist_shards, tmp_path):
-    trainer = make(dist_single, mnist_shards, tmp_path, "data.workers=1")
+# ZeRO-1 bf16 too: its optimizer files hold DeepSpeed's LossScaler, ZeroStageEnum and
+# fragment_address objects, which a weights_only load refuses unless they are allowed.
+@pytest.mark.parametrize(
+    "precision", [(), ("deepspeed.precision=bf16", "deepspeed.zero_stage=1")], ids=["fp32", "bf16-zero1"]
+)
+def test_checkpoint_contents_and_exact_continuation(dist_single, mnist_shards, tmp_path, precision):
+    trainer = make(dist_single, mnist_shards, tmp_path, "data.workers=1", *precision)
     losses_of(trainer, 2)
     path = trainer.save_checkpoint()
     expected = losses_of(trainer, 3)  # what an uninterrupted run does next
@@ -45,7 +50,7 @@ def test_checkpoint_contents_and_exact_continuation(dist_single, mnist_shards, t
     )
     assert (path / "g" / "engine").is_dir() and (path / "d" / "engine").is_dir() and (path / "ema.pt").is_file()
 
-    fresh = make(dist_single, mnist_shards, tmp_path, "data.workers=1")
+    fresh = make(dist_single, mnist_shards, tmp_path, "data.workers=1", *precision)
     fresh.resume(path)
     assert fresh.global_step == 2
     assert losses_of(fresh, 3) == expected
@@ -83,21 +88,24 @@ def test_keeps_the_newest_k_plus_best(dist_single, mnist_shards, tmp_path):
     assert trainer.checkpointer.latest() == saved[-1]
 
 
-def test_crafted_engine_file_is_refused_before_deepspeed_unpickles_it(dist_single, mnist_shards, tmp_path):
-    trainer = make(dist_single, mnist_shards, tmp_path)
+@pytest.mark.parametrize(
+    "precision", [(), ("deepspeed.precision=bf16", "deepspeed.zero_stage=1")], ids=["fp32", "bf16-zero1"]
+)
+def test_crafted_engine_file_is_refused_before_deepspeed_unpickles_it(dist_single, mnist_shards, tmp_path, precision):
+    trainer = make(dist_single, mnist_shards, tmp_path, *precision)
     path = trainer.save_checkpoint()
 
     class Exploit:
         def __reduce__(self):
             return (os.system, (f"touch {tmp_path}/PWNED",))
 
-    targets = engines.state_files(path / "d", rank=0)  # every file DeepSpeed would unpickle
-    assert targets
+    targets = sorted((path / "d" / engines.ENGINE_TAG).glob("*.pt"))  # every file DeepSpeed would unpickle
+    assert targets == engines.state_files(path / "d", rank=0) and len(targets) == (2 if precision else 1)
     for target in targets:
         with open(target, "wb") as f:
             pickle.dump({"module": Exploit()}, f)
     with pytest.raises(UserError, match="holds more than tensors; refused"):
-        make(dist_single, mnist_shards, tmp_path).resume(path)
+        make(dist_single, mnist_shards, tmp_path, *precision).resume(path)
     assert not (tmp_path / "PWNED").exists()
 
 
