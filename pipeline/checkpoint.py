@@ -79,6 +79,7 @@ class EngineState(Protocol):
 
     def save(self, folder: Path) -> None: ...
     def load(self, folder: Path) -> None: ...
+    def load_resized(self, folder: Path) -> None: ...  # saved on another world size
     def save_weights(self, path: Path) -> None: ...
 
 
@@ -101,19 +102,27 @@ def _get(tree: dict, dotted: str):
     return tree
 
 
+# On another world size the batch is split anew (pipeline/elastic.py), so these may differ.
+RESPLIT = ("data.batch_per_rank", "deepspeed.gradient_accumulation")
+
+
 def incompatibilities(saved: dict, config: Config, world_size: int) -> list[str]:
     """What differs between a checkpoint's meta and this job, in words."""
     current = config.model_dump(mode="json")
+    resized = saved["world_size"] != world_size
     problems = []
     for key in MUST_MATCH:
         old, new = _get(saved["config"], key), _get(current, key)
-        if old != new:
+        if old != new and not (resized and key in RESPLIT):
             problems.append(f"{key}: checkpoint {json.dumps(old)}, now {json.dumps(new)}")
-    if saved["world_size"] != world_size:
-        problems.append(
-            f"world size: checkpoint {saved['world_size']}, now {world_size} (the data order and the "
-            "per-rank random streams depend on it)"
-        )
+    if resized and config.train.elastic_batch == "global":
+        old_batch = saved["world_size"] * _get(saved["config"], "data.batch_per_rank")
+        old_batch *= _get(saved["config"], "deepspeed.gradient_accumulation")
+        new_batch = world_size * config.data.batch_per_rank * config.deepspeed.gradient_accumulation
+        if old_batch != new_batch:
+            problems.append(
+                f"global batch: checkpoint {old_batch}, now {new_batch} (train.elastic_batch=per_rank allows a change)"
+            )
     return problems
 
 
@@ -255,12 +264,15 @@ class Checkpointer:
         problems = incompatibilities(meta, self.config, self.world_size)
         if problems:
             raise UserError(f"checkpoint {path} does not fit this job:\n  " + "\n  ".join(problems))
-        rank_file = path / "client" / f"rank_{self.rank:05d}.pt"
+        resized = meta["world_size"] != self.world_size
+        # On another world size every rank starts from rank 0's state: its step and data
+        # position are every rank's, and its random streams are derived again (pipeline/elastic.py).
+        rank_file = path / "client" / f"rank_{0 if resized else self.rank:05d}.pt"
         if not rank_file.is_file():
             raise UserError(f"checkpoint {path} has no state for rank {self.rank}")
         rank_state = load_tensors(rank_file, "checkpoint file")
         for network, engine in parts.engines.items():
-            engine.load(path / network)
+            engine.load_resized(path / network) if resized else engine.load(path / network)
         for part_name, part in parts.shared.items():
             part.load_state_dict(load_tensors(shared_file(path, part_name), "checkpoint file"))
         parts.rank_state.load_state_dict(rank_state)

@@ -99,6 +99,11 @@ class TrainConfig(Section):
         "none", description="none: constant lr; linear: from each optimizer's lr at step 0 to 0 at train.steps"
     )
     compile: bool = Field(False, description="torch.compile G and D through DeepSpeed (the first steps compile)")
+    elastic_batch: Literal["global", "per_rank"] = Field(
+        "global",
+        description="resuming on another world size: keep the global batch (re-split per rank and accumulation) "
+        "or keep the batch per rank (the global batch changes)",
+    )
     ema: bool = Field(True, description="keep an exponential moving average of G's weights for samples/eval")
     ema_decay: float = Field(0.999, ge=0, lt=1)
     log_every: int = Field(

@@ -15,9 +15,12 @@ Traps handled here (deepspeed 0.19.8; numbers are deepspeedai/DeepSpeed issues a
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import io
 import json
 import os
+import shutil
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -144,9 +147,14 @@ class Engine:
     network's gradients in backward); `module` is the raw network, for a forward whose
     backward belongs to the other engine (see Trainer.g_step)."""
 
-    def __init__(self, name: str, model: nn.Module, config: Config):
+    def __init__(self, name: str, model: nn.Module, config: Config, load_universal: bool = False):
+        """load_universal: this engine will load a checkpoint saved on another world size
+        (see load_resized)."""
         self.name = name
         self.ds_config = build_ds_config(config, name)
+        if load_universal and partitions_optimizer(self.ds_config):
+            # Only then: with a plain optimizer, DeepSpeed's universal load calls ZeRO-only methods.
+            self.ds_config["checkpoint"] = {"load_universal": True}
         optim: OptimizerConfig = config.train.g_optim if name == "g" else config.train.d_optim
         optimizer = None
         if "optimizer" not in self.ds_config:  # a user's raw JSON may bring its own
@@ -246,6 +254,56 @@ class Engine:
         if loaded is None:
             raise UserError(f"checkpoint {folder.parent}: the {self.name.upper()} engine state did not load")
 
+    def load_resized(self, folder: Path) -> None:
+        """All ranks: the state `save` wrote on another world size.
+
+        Without partitioned optimizer state (fp32 at ZeRO stage 0: every rank saved the whole
+        optimizer) this is `load`. With it (ZeRO 1-2, bf16), DeepSpeed 0.19.8 refuses a new
+        data-parallel size ("Automatic adjustment of ZeRO's optimizer state partitioning with a
+        new world size is not currently supported", engine._load_zero_checkpoint); its own way
+        is Universal Checkpointing (https://www.deepspeed.ai/tutorials/universal-checkpointing/,
+        arXiv:2406.18820): rank 0 converts the folder once with deepspeed.checkpoint.ds_to_universal
+        (kept beside it as universal/ for a later resume), and every rank loads its new partition
+        from that, the engine built with load_universal. Two things that path leaves out are put
+        back here: buffers (BatchNorm statistics: it restores parameters only) and, with fp16,
+        the loss scaler (it skips the optimizer's global state)."""
+        if not any(Path(folder, ENGINE_TAG).glob("*zero_pp_rank_*.pt")):
+            self.load(folder)
+            return
+        what = f"{self.name.upper()} engine file"
+        universal = Path(folder) / "universal"
+        failure = None
+        if torch.distributed.get_rank() == 0:
+            try:
+                with torch.serialization.safe_globals(DEEPSPEED_FILE_CLASSES):
+                    for file in state_files(folder):  # the converter unpickles every rank's file
+                        load_tensors(file, what)
+                if not universal.is_dir():
+                    _convert_to_universal(Path(folder), universal)
+            except Exception as exc:  # every rank must hear of it, not wait for the barrier's timeout
+                failure = exc
+        outcome = [None if failure is None else str(failure)]
+        torch.distributed.broadcast_object_list(outcome, src=0)
+        if failure is not None:
+            raise failure
+        if outcome[0] is not None:
+            raise UserError(f"rank 0 could not convert {folder} for the new world size: {outcome[0]}")
+        with torch.serialization.safe_globals(DEEPSPEED_FILE_CLASSES):
+            for file in sorted(universal.rglob("*.pt")):  # DeepSpeed unpickles them unchecked
+                load_tensors(file, what)
+        loaded, _ = self.engine.load_checkpoint(str(universal), tag=ENGINE_TAG)
+        if loaded is None:
+            raise UserError(f"checkpoint {folder.parent}: the {self.name.upper()} engine state did not load")
+        with torch.serialization.safe_globals(DEEPSPEED_FILE_CLASSES):
+            module = load_tensors(Path(folder, ENGINE_TAG, "mp_rank_00_model_states.pt"), what)["module"]
+            with torch.no_grad():
+                for name, buffer in self.module.named_buffers():
+                    buffer.copy_(module[name])
+            if self.engine.fp16_enabled():
+                first = next(Path(folder, ENGINE_TAG).glob("*zero_pp_rank_0_*.pt"))
+                # The loss scaler and overflow state, as DeepSpeed's own non-universal load restores them.
+                self.engine.optimizer._load_global_state(load_tensors(first, what)["optimizer_state_dict"])
+
     def save_weights(self, path: Path) -> None:
         """Rank 0: this network's state dict, floating tensors in fp32 (fp16/bf16 ones are cast
         up), readable with torch alone. At ZeRO stages 0-2 every rank holds the full parameters."""
@@ -260,6 +318,34 @@ def state_files(folder: Path, rank: int | None = None) -> list[Path]:
     tag = Path(folder) / ENGINE_TAG
     partitions = "*zero_pp_rank_*.pt" if rank is None else f"*zero_pp_rank_{rank}_*.pt"
     return sorted([*tag.glob("*model_states.pt"), *tag.glob(partitions)])
+
+
+def partitions_optimizer(ds_config: dict) -> bool:
+    """Whether each rank saves its own part of the optimizer state: with ZeRO, and with bf16 or
+    fp16 (their optimizers keep fp32 master weights partitioned over the ranks)."""
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    return stage > 0 or any(ds_config.get(key, {}).get("enabled", False) for key in ("bf16", "fp16"))
+
+
+def _convert_to_universal(folder: Path, universal: Path) -> None:
+    """Rank 0: DeepSpeed's converter from an engine folder to a universal checkpoint, written
+    to a temporary folder and renamed, so a kill midway leaves nothing half-made."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    partial = universal.with_name(f"{universal.name}.tmp")
+    shutil.rmtree(partial, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(folder / ENGINE_TAG),
+        output_folder=str(partial / ENGINE_TAG),
+        num_extract_workers=1,  # in-process: a rank must not fork a process pool
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # our engines are not Megatron models: no TP/PP layout info
+    )
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its tqdm bars
+        ds_to_universal.main(args)
+    os.replace(partial, universal)
 
 
 def compute_dtype(config: Config) -> torch.dtype:

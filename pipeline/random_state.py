@@ -41,3 +41,13 @@ def set_rng_state(state: dict, step_generator: torch.Generator) -> None:
     step_generator.set_state(state["step_generator"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def derive_rng_state(seed: int, step: int, rank: int, step_generator: torch.Generator) -> None:
+    """Every stream of this rank seeded from (seed, step, rank): for a resume on another world
+    size, where the saved streams belonged to ranks that may no longer exist."""
+    python_seed, numpy_seed, torch_seed, step_seed = np.random.SeedSequence([seed, step, rank]).generate_state(4)
+    random.seed(int(python_seed))
+    np.random.seed(int(numpy_seed))
+    torch.manual_seed(int(torch_seed))  # also seeds CUDA's streams
+    step_generator.manual_seed(int(step_seed))

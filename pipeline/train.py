@@ -29,13 +29,14 @@ from pipeline.checkpoint import Checkpointer, CheckpointParts, latest_checkpoint
 from pipeline.config import Config, config_to_yaml
 from pipeline.data.loader import ShardedLoader
 from pipeline.dist import DistInfo
+from pipeline.elastic import Resize, plan_resize, resized_config
 from pipeline.ema import EMA
 from pipeline.errors import EXIT_REQUEUE, PREEMPTION_SIGNALS, Preempted, UserError
 from pipeline.export import generate, save_generator
 from pipeline.images import from_uint8, save_grid
 from pipeline.metrics import Divergence, StepMeans, agree
 from pipeline.models import build_pair
-from pipeline.random_state import rng_state, set_rng_state
+from pipeline.random_state import derive_rng_state, rng_state, set_rng_state
 from pipeline.tracking import NullTracker, flatten, make_tracker
 from pipeline.versions import versions
 
@@ -79,8 +80,11 @@ class Trainer:
     installs no signal handler (train() does) and adds no log handler (run_training's
     run_log does)."""
 
-    def __init__(self, config: Config, info: DistInfo, run_dir: Path, tracker=None):
+    def __init__(self, config: Config, info: DistInfo, run_dir: Path, tracker=None, resize: Resize | None = None):
+        """resize: this trainer will resume a checkpoint saved on another world size (the config
+        already holds the new split: pipeline/elastic.py)."""
         self.config, self.info, self.device = config, info, info.device
+        self.resize = resize
         self.dtype = engines.compute_dtype(config)
         self.loader = ShardedLoader(config.data, config.seed, info.rank, info.world_size)
         self._check_data_matches_model()
@@ -90,8 +94,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             generator, discriminator = build_pair(model)
-        self.g_engine = engines.Engine("g", generator, config)
-        self.d_engine = engines.Engine("d", discriminator, config)
+        self.g_engine = engines.Engine("g", generator, config, load_universal=resize is not None)
+        self.d_engine = engines.Engine("d", discriminator, config, load_universal=resize is not None)
         self.ema = EMA(self.g_engine.module, config.train.ema_decay) if config.train.ema else None
         if config.train.compile:  # after the EMA's deepcopy: a copy of a compiled module would run the original
             self.g_engine.compile()
@@ -135,10 +139,16 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """This rank's state; after a resize, rank 0's (the checkpointer passes it to every rank)."""
         self.global_step = state["global_step"]
         self.divergence = Divergence(self.device, state["nonfinite_streak"])
         self.loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"], self.rng)
+        if self.resize is None:
+            set_rng_state(state["rng"], self.rng)
+        else:  # the saved streams were per old rank: derive this rank's anew
+            derive_rng_state(self.config.seed, self.global_step, self.info.rank, self.rng)
+            if not self.info.is_main:
+                self.loader.corrupt_samples = 0  # rank 0's count stays with rank 0
 
     # ----------------------------------------------------------------- set-up
     def _check_data_matches_model(self) -> None:
@@ -258,9 +268,17 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def resume(self, path: Path) -> dict:
         """All ranks: continue from a checkpoint; rank 0 drops metrics logged after it."""
+        saved_world = read_meta(path)["world_size"]
+        if saved_world != self.info.world_size and self.resize is None:
+            raise UserError(
+                f"checkpoint {path} was saved on {saved_world} ranks, this job has {self.info.world_size}: "
+                "build the trainer with build_trainer (as `pipeline train --resume` does), which splits the batch anew"
+            )
         meta = self.checkpointer.load(path, self.checkpoint_parts)
         if self.info.is_main:
             log.info("resumed from %s at step %d (epoch %d)", path, self.global_step, meta["epoch"])
+            if self.resize is not None:
+                log.info(self.resize.describe(self.global_step))
             self._truncate_log(self.run_dir / "metrics.jsonl")
             scored = [(r["fid"], r["step"]) for r in self._truncate_log(self.run_dir / FID_LOG)]
             self.best_fid = min(scored) if scored else None
@@ -292,6 +310,15 @@ class Trainer:
             )
         if run_id:
             self.tracker.set_tags({"resumed_at_step": self.global_step})
+            if self.resize is not None:  # params are fixed at the run's start: the change is a tag and a metric
+                self.tracker.set_tags(
+                    {
+                        "world_size": self.info.world_size,
+                        "world_size_changed_at_step": self.global_step,
+                        "resize": self.resize.describe(self.global_step),
+                    }
+                )
+                self.tracker.log_metrics({"world_size": self.info.world_size}, self.global_step)
             return
         manifest = self.loader.manifest or {}
         found = versions()
@@ -312,6 +339,7 @@ class Trainer:
             "data.manifest_sha256": manifest.get("_hash"),
         }
         self.tracker.log_params(params)
+        self.tracker.log_metrics({"world_size": self.info.world_size}, self.global_step)  # a resize logs its own
         for name in ("config.yaml", "ds_config_g.json", "ds_config_d.json"):
             self.tracker.log_artifact(self.run_dir / name, "config")
 
@@ -515,6 +543,16 @@ def run_log(run_dir: Path, is_main: bool):
         handler.close()
 
 
+def build_trainer(config: Config, info: DistInfo, run_dir: Path, checkpoint: Path | None, tracker=None):
+    """All ranks: (the trainer, the checkpoint's meta or {}), resumed from `checkpoint` when one
+    is given, on this world size whatever the checkpoint's (pipeline/elastic.py)."""
+    resize = plan_resize(read_meta(checkpoint), config, info.world_size) if checkpoint is not None else None
+    if resize is not None:
+        config = resized_config(config, resize)
+    trainer = Trainer(config, info, run_dir, tracker, resize)
+    return trainer, (trainer.resume(checkpoint) if checkpoint is not None else {})
+
+
 def run_training(config: Config, config_name: str, resume: str = "none") -> int:
     """Entry of `pipeline train` on every rank. Rank 0 settles the run folder and checks the
     tracking store before any training work; a problem there stops every rank."""
@@ -538,8 +576,7 @@ def run_training(config: Config, config_name: str, resume: str = "none") -> int:
         raise decision[0]
     run_dir, checkpoint = decision[0]
     with run_log(run_dir, info.is_main):
-        trainer = Trainer(config, info, run_dir, tracker)
-        meta = trainer.resume(checkpoint) if checkpoint is not None else {}
+        trainer, meta = build_trainer(config, info, run_dir, checkpoint, tracker)
         trainer.start_tracking(meta.get("tracking_run_id"))
         try:  # the tracker's end state; the CLI's teardown destroys the process group on every path
             metrics = trainer.train()

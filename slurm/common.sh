@@ -7,6 +7,18 @@
 
 die() { echo "slurm: error: $*" >&2; exit 2; }
 
+task_count() {
+    # The tasks this allocation runs. A requeued job may come back on another node count
+    # (sbatch --nodes=MIN-MAX, or `scontrol update` while it is held), but its saved
+    # environment keeps the first start's SLURM_NTASKS: with --ntasks-per-node, the count
+    # follows the nodes actually given.
+    if [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then
+        echo $((SLURM_JOB_NUM_NODES * SLURM_NTASKS_PER_NODE))
+    else
+        echo "$SLURM_NTASKS"
+    fi
+}
+
 pipeline_setup() {
     root="${PIPELINE_ROOT:-$SLURM_SUBMIT_DIR}"
     [ -f "$root/pipeline/__init__.py" ] || die "$root is not the repository: submit from its root or set PIPELINE_ROOT"
@@ -28,7 +40,7 @@ pipeline_setup() {
     # environment you submit from; sbatch passes the environment through (--export=ALL).
     export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"
     export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
-    echo "slurm: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) $(date -u +%FT%TZ): ${SLURM_JOB_NUM_NODES} node(s) [${SLURM_JOB_NODELIST}], ${SLURM_NTASKS} task(s), master ${MASTER_ADDR}:${MASTER_PORT}, tracking ${MLFLOW_TRACKING_URI:-<config/default>}" | sed -E 's#//[^/@]*:[^/@]*@#//***@#'
+    echo "slurm: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) $(date -u +%FT%TZ): ${SLURM_JOB_NUM_NODES} node(s) [${SLURM_JOB_NODELIST}], $(task_count) task(s), master ${MASTER_ADDR}:${MASTER_PORT}, tracking ${MLFLOW_TRACKING_URI:-<config/default>}" | sed -E 's#//[^/@]*:[^/@]*@#//***@#'
 }
 
 run_tasks() {
@@ -39,7 +51,8 @@ run_tasks() {
     # srun runs in the background so that a SIGTERM to this batch shell (preemption) is
     # trapped and the ranks can finish their checkpoint before the script returns.
     trap 'echo "slurm: batch shell got SIGTERM; waiting for the ranks to checkpoint"' TERM
-    srun --kill-on-bad-exit=0 --wait="${PIPELINE_SRUN_WAIT:-60}" --label "$PYTHON" -u -m pipeline "$@" &
+    srun --ntasks "$(task_count)" --kill-on-bad-exit=0 --wait="${PIPELINE_SRUN_WAIT:-60}" --label \
+        "$PYTHON" -u -m pipeline "$@" &
     local pid=$! rc=0
     while true; do
         wait "$pid" && rc=0 || rc=$?
