@@ -321,10 +321,10 @@ def state_files(folder: Path, rank: int | None = None) -> list[Path]:
 
 
 def partitions_optimizer(ds_config: dict) -> bool:
-    """Whether each rank saves its own part of the optimizer state: with ZeRO, and with bf16 or
-    fp16 (their optimizers keep fp32 master weights partitioned over the ranks)."""
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    return stage > 0 or any(ds_config.get(key, {}).get("enabled", False) for key in ("bf16", "fp16"))
+    """Whether each rank saves its own part of the optimizer state: with ZeRO stage 1 or 2. (At
+    stage 0 with bf16 and our client Adam, DeepSpeed wraps it in FP16_UnfusedOptimizer, which
+    saves the whole state with the model, as fp32 at stage 0 does.)"""
+    return ds_config.get("zero_optimization", {}).get("stage", 0) > 0
 
 
 def _convert_to_universal(folder: Path, universal: Path) -> None:

@@ -10,10 +10,12 @@ die() { echo "slurm: error: $*" >&2; exit 2; }
 task_count() {
     # The tasks this allocation runs. A requeued job may come back on another node count
     # (sbatch --nodes=MIN-MAX, or `scontrol update` while it is held), but its saved
-    # environment keeps the first start's SLURM_NTASKS: with --ntasks-per-node, the count
-    # follows the nodes actually given.
-    if [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then
-        echo $((SLURM_JOB_NUM_NODES * SLURM_NTASKS_PER_NODE))
+    # environment keeps the first start's SLURM_NTASKS: with --ntasks-per-node and whole
+    # nodes' worth of tasks, the count follows the nodes actually given. (Any other count is
+    # kept, for pipeline/dist.py to refuse tasks spread unevenly over nodes.)
+    local per_node="${SLURM_NTASKS_PER_NODE:-}"
+    if [ -n "$per_node" ] && [ $((SLURM_NTASKS % per_node)) = 0 ]; then
+        echo $((SLURM_JOB_NUM_NODES * per_node))
     else
         echo "$SLURM_NTASKS"
     fi

@@ -2,7 +2,7 @@
 run folder's newest checkpoint exactly as `pipeline train --resume auto` builds its trainer
 (build_trainer), trained to train.steps and checkpointed. Rank 0 writes what the test needs
 and the CLI does not show: the sample keys every rank was given, per-step losses, and the
-Adam step counts of both optimizers as loaded."""
+Adam step counts of both optimizers as loaded and at the end."""
 
 import argparse
 import json
@@ -69,6 +69,7 @@ if info.rank == 0:
         "keys": every_rank,
         "losses": losses,
         "loaded": loaded,
+        "adam_steps_at_end": {"g": adam_steps(trainer.g_engine), "d": adam_steps(trainer.d_engine)},
         "loader": trainer.loader.state_dict(),
     }
     Path(args.out).write_text(json.dumps(record))

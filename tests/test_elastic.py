@@ -54,8 +54,10 @@ def test_a_run_moves_between_world_sizes_inside_an_epoch(mnist_shards, tmp_path,
         (1, 12, 2),
         (3, 8, 1),
     ]
-    for later, steps in ((second, 5), (third, 10)):  # what was saved is what was loaded
-        assert later["loaded"] == {"adam_steps": {"g": steps, "d": steps}, "g": True, "d": True, "ema": True}
+    for earlier, later in ((first, second), (second, third)):  # what was saved is what was loaded
+        saved = earlier["adam_steps_at_end"]
+        assert later["loaded"] == {"adam_steps": saved, "g": True, "d": True, "ema": True}
+        assert later["adam_steps_at_end"]["g"] - saved["g"] == len(later["losses"])  # one update a step
     delivered = [key for s in (first, second, third) for rank in s["keys"] for batch in rank for key in batch]
     assert len(delivered) == len(set(delivered)), "a sample was seen twice in one epoch"
     assert len(delivered) == 120 + 120 + 264 and EPOCH - len(delivered) == 272 % GLOBAL_BATCH
