@@ -110,6 +110,9 @@ class NullTracker:
     def set_tags(self, tags: dict) -> None: ...
     def finish(self, status: str, error: str | None = None) -> None: ...
 
+    def where(self) -> None:
+        return None
+
 
 @contextlib.contextmanager
 def _sqlite_setup_lock(uri: str, timeout_s: float = 120.0):
@@ -154,6 +157,11 @@ def _store_errors() -> tuple[type[BaseException], ...]:
     return (*errors, SQLAlchemyError)
 
 
+# The tag MLflow 3's UI reads to choose an experiment's landing page (its values include
+# "genai_development" and "custom_model_development").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
 class MlflowTracker:
     """Rank 0 only. Construction checks that the store answers: a bad URI fails here, before training."""
 
@@ -178,6 +186,10 @@ class MlflowTracker:
                     if experiment is not None
                     else self.client.create_experiment(config.experiment, artifact_location=artifact_location)
                 )
+                if experiment is None or EXPERIMENT_KIND_TAG not in experiment.tags:
+                    # MLflow 3's UI opens an untagged experiment on its GenAI overview (traces,
+                    # latency); a model-training experiment opens on its runs and their charts.
+                    self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
         except _store_errors() as exc:
             raise UserError(
                 f"tracking store {self.shown_uri} did not answer or is not usable "
@@ -210,6 +222,16 @@ class MlflowTracker:
         self._thread.start()
         log.info("tracking run %s in %s (experiment %r)", self.run_id, self.shown_uri, self.config.experiment)
         return self.run_id
+
+    def where(self) -> str:
+        """One line: how to see this run in the MLflow UI (the URL, after the command that serves
+        a local store)."""
+        page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        if urlsplit(self.uri).scheme in ("http", "https"):
+            return f"MLflow run: {self.shown_uri.rstrip('/')}/{page}"
+        return (
+            f"MLflow UI: mlflow ui --backend-store-uri {self.shown_uri} --port 5000, then http://127.0.0.1:5000/{page}"
+        )
 
     def _put(self, op: tuple) -> None:
         with self._lock:

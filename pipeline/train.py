@@ -588,6 +588,8 @@ def run_training(config: Config, config_name: str, resume: str = "none") -> int:
             raise
         tracker.finish("FINISHED")
     if info.is_main:
+        if tracker.where():
+            log.info(tracker.where())
         print(
             json.dumps(
                 {

@@ -59,6 +59,12 @@ def test_embedded_sqlite_run_has_params_metrics_images_and_artifacts(mnist_shard
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/generator.pt"}
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any("samples+step+3+" in p for p in images) and any("samples+step+6+" in p for p in images)
+    # The experiment opens on its runs in MLflow 3's UI, and the run says how to get there.
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{tmp_path}/runs/mlflow.db --port 5000, then {page}" in (
+        result.stderr
+    )
 
 
 def test_resume_continues_the_same_run(mnist_shards, tmp_path):

@@ -1,5 +1,6 @@
-"""End to end in a real browser: Debian's Chromium, driven headless by Playwright, opens a
-finished run in the MLflow UI and sees the loss charts and a sample image."""
+"""End to end in a real browser: Debian's Chromium, driven headless by Playwright, goes from a
+finished run's experiment page in the MLflow UI to the run and sees the loss charts and a
+sample image."""
 
 import json
 import os
@@ -49,7 +50,12 @@ def test_mlflow_ui_shows_loss_charts_and_sample_images(mnist_shards, tmp_path, m
         try:
             # Tall enough that the image cards below the 16 metric charts render (they load lazily).
             page = browser.new_page(viewport={"width": 1600, "height": 4000})
-            page.goto(f"{mlflow_server.url}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics", timeout=60_000)
+            # As a user arrives: the experiment's page, which opens on its runs (the experiment-kind
+            # tag), not on MLflow 3's GenAI overview; then the run, then its "Model metrics" tab.
+            page.goto(f"{mlflow_server.url}/#/experiments/{experiment_id}", timeout=60_000)
+            page.get_by_role("link", name="ui", exact=True).first.click(timeout=60_000)
+            page.wait_for_url(f"**/runs/{run_id}**", timeout=60_000)
+            page.get_by_text("Model metrics", exact=True).first.click(timeout=60_000)
             page.get_by_text("loss_D", exact=True).first.wait_for(timeout=60_000)
             page.get_by_text("loss_G", exact=True).first.wait_for(timeout=30_000)
             # The image card's step slider starts before the first logged step ("No image logged
