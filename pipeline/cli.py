@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import traceback
+from pathlib import Path
 
 from pipeline.dist import ignore_exit_signals, process_group_exists, teardown
 from pipeline.errors import EXIT_INTERRUPTED, Preempted, UserError
@@ -96,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: continue from the run folder's newest complete checkpoint (fresh start if "
         "none); PATH: a checkpoint folder or run folder; none (default): a new run",
     )
+
+    sync = commands.add_parser(
+        "sync-tracking",
+        help="deliver a run folder's metrics, FID and sample grids that its MLflow run lacks",
+        description="After an MLflow outage that outlived the job: reads the run folder's config.yaml for the "
+        "store (MLFLOW_TRACKING_URI wins), finds the run by its run_dir tag and sends each missing record once.",
+    )
+    sync.add_argument("run_dir", help="the run folder (runs/NAME)")
 
     sample = commands.add_parser("sample", help="write an image grid from a saved generator")
     sample.add_argument(
@@ -228,6 +237,24 @@ def cmd_train(args) -> int:
     return run_training(config, name, args.resume)
 
 
+def cmd_sync_tracking(args) -> int:
+    from pipeline.config import load_config
+    from pipeline.tracking import MlflowTracker, find_run, sync_records
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.yaml)")
+    config = load_config(run_dir / "config.yaml", [])
+    tracker = MlflowTracker(config.tracking, config.train.run_root)  # checks that the store answers
+    run = find_run(tracker.client, tracker.experiment_id, run_dir)
+    delivered = sync_records(tracker.client, run.info.run_id, run_dir)
+    print(
+        f"run {run.info.run_id}: delivered {delivered['metric_values']} metric value(s) and "
+        f"{delivered['sample_grids']} sample grid(s) it lacked"
+    )
+    return 0
+
+
 def cmd_sample(args) -> int:
     import torch
 
@@ -261,6 +288,7 @@ COMMANDS = {
     "prepare": cmd_prepare,
     "stream": cmd_stream,
     "train": cmd_train,
+    "sync-tracking": cmd_sync_tracking,
     "sample": cmd_sample,
     "export": cmd_export,
     "eval": cmd_eval,

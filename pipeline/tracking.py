@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import fcntl
+import json
 import logging
 import math
 import os
@@ -108,6 +109,8 @@ class NullTracker:
     def log_artifact(self, path, artifact_path: str | None = None) -> None: ...
     def log_image(self, path, key: str, step: int) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
+    def log_dataset(self, name: str, digest: str, source: str, context: str, profile: dict) -> None: ...
+    def sync(self, run_dir: Path, up_to_step: int) -> None: ...
     def finish(self, status: str, error: str | None = None) -> None: ...
 
     def where(self) -> None:
@@ -157,9 +160,12 @@ def _store_errors() -> tuple[type[BaseException], ...]:
     return (*errors, SQLAlchemyError)
 
 
-# The tag MLflow 3's UI reads to choose an experiment's landing page (its values include
-# "genai_development" and "custom_model_development").
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, latency) unless told it is a
+# model-training one: by this experiment tag (its values include "genai_development" and
+# "custom_model_development"), and in 3.17 by the UI's GenAI / Model training switch, which a
+# link sets with this query parameter (the JS's workflowType: "genai" | "machine_learning").
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+UI_MODEL_TRAINING = "workflowType=machine_learning"
 
 
 class MlflowTracker:
@@ -226,7 +232,7 @@ class MlflowTracker:
     def where(self) -> str:
         """One line: how to see this run in the MLflow UI (the URL, after the command that serves
         a local store)."""
-        page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}?{UI_MODEL_TRAINING}"
         if urlsplit(self.uri).scheme in ("http", "https"):
             return f"MLflow run: {self.shown_uri.rstrip('/')}/{page}"
         return (
@@ -276,6 +282,28 @@ class MlflowTracker:
 
     def set_tags(self, tags: dict) -> None:
         self._put(("tags", safe_params(tags)))
+
+    def sync(self, run_dir: Path, up_to_step: int) -> None:
+        """Queue the delivery of the run folder's records up to `up_to_step` that the MLflow run
+        lacks (sync_records): on a resume, what an earlier job left undelivered. (The records
+        after it are this job's, queued behind this and delivered in their turn.)"""
+        self._put(("sync", Path(run_dir), up_to_step))
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str, profile: dict) -> None:
+        """A dataset input of the run, as metadata (what the UI's Datasets column shows): its
+        name, digest (the manifest's sha256, cut to MLflow's 36 characters), where it is read
+        from, and a profile (sample count, resolution, channels). context: training or evaluation."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        remote = urlsplit(source).scheme in ("http", "https")
+        dataset = Dataset(
+            name=name,
+            digest=digest[:36],
+            source_type="http" if remote else "local",
+            source=json.dumps({"url" if remote else "uri": redact_uri(source)}),
+            profile=json.dumps(profile),
+        )
+        self._put(("dataset", DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])))
 
     def finish(self, status: str, error: str | None = None) -> None:
         """Queue the end state, then wait at most flush_timeout_s for delivery."""
@@ -368,6 +396,12 @@ class MlflowTracker:
 
             with Image.open(op[1]) as image:
                 self.client.log_image(self.run_id, image.copy(), key=op[2], step=op[3], synchronous=True)
+        elif kind == "sync":
+            delivered = sync_records(self.client, self.run_id, op[1], op[2])
+            if any(delivered.values()):
+                log.info("tracking: delivered records the run lacked: %s", delivered)
+        elif kind == "dataset":
+            self.client.log_inputs(self.run_id, datasets=[op[1]])
         elif kind == "status":
             self.client.set_terminated(self.run_id, status=op[1])
         with self._lock:
@@ -378,6 +412,66 @@ def _is_client_error(exc: Exception) -> bool:
     """MLflow said no to the request itself (bad value, too long): retrying cannot help."""
     code = getattr(exc, "error_code", None)
     return code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE")
+
+
+# How fid.jsonl's fields are named as MLflow metrics (Trainer.evaluate_fid logs them so).
+FID_METRICS = {
+    "fid": "fid",
+    "kid": "kid",
+    "fid_floor": "fid_floor",
+    "fid_over_floor": "fid_over_floor",
+    "seconds": "fid_seconds",
+}
+SAMPLE_ARTIFACT = re.compile(r"samples\+step\+(\d+)\+")  # how MLflow's log_image names a grid's file
+
+
+def sync_records(client, run_id: str, run_dir: Path, up_to_step: int | None = None) -> dict:
+    """Deliver what the run folder recorded and its MLflow run lacks, each once: the metric values
+    of metrics.jsonl and fid.jsonl (by key and step) and the sample grids (samples/step_N.png),
+    of steps up to `up_to_step` (all by default). What the run has is read back first, so running
+    it again delivers nothing new."""
+    from mlflow.entities import Metric
+    from PIL import Image
+
+    wanted: dict[str, dict[int, float]] = collections.defaultdict(dict)
+    for name, rename in (("metrics.jsonl", None), ("fid.jsonl", FID_METRICS)):
+        path = Path(run_dir) / name
+        lines = path.read_text().splitlines() if path.exists() else []
+        for record in map(json.loads, filter(None, lines)):
+            step = int(record["step"])
+            if up_to_step is not None and step > up_to_step:
+                continue
+            for key, value in record.items():
+                key = rename.get(key) if rename is not None else key
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if key and key != "step" and number and not math.isnan(float(value)):
+                    wanted[key][step] = float(value)
+    now = int(time.time() * 1000)
+    missing = []
+    for key, values in wanted.items():
+        present = {m.step for m in client.get_metric_history(run_id, key)}
+        missing += [Metric(key, value, now, step) for step, value in sorted(values.items()) if step not in present]
+    for start in range(0, len(missing), BATCH_LIMIT):
+        client.log_batch(run_id, metrics=missing[start : start + BATCH_LIMIT], synchronous=True)
+    logged = {int(m.group(1)) for a in client.list_artifacts(run_id, "images") if (m := SAMPLE_ARTIFACT.search(a.path))}
+    grids = 0
+    for grid in sorted((Path(run_dir) / "samples").glob("step_*.png")):
+        step = int(grid.stem.removeprefix("step_"))
+        if step not in logged and (up_to_step is None or step <= up_to_step):
+            with Image.open(grid) as image:
+                client.log_image(run_id, image.copy(), key="samples", step=step, synchronous=True)
+            grids += 1
+    return {"metric_values": len(missing), "sample_grids": grids}
+
+
+def find_run(client, experiment_id: str, run_dir: Path):
+    """The MLflow run of a run folder (every run is tagged with its folder's absolute path)."""
+    found = client.search_runs([experiment_id], f"tags.run_dir = '{Path(run_dir).resolve()}'", max_results=2)
+    if not found:
+        raise UserError(
+            f"no MLflow run of {run_dir} in this store (looked for tag run_dir = {Path(run_dir).resolve()})"
+        )
+    return found[0]
 
 
 def make_tracker(config, run_root, is_main: bool):

@@ -12,6 +12,7 @@ metrics and the sample grids.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import signal
@@ -310,6 +311,7 @@ class Trainer:
             )
         if run_id:
             self.tracker.set_tags({"resumed_at_step": self.global_step})
+            self.tracker.sync(self.run_dir, self.global_step)  # what an earlier job could not deliver
             if self.resize is not None:  # params are fixed at the run's start: the change is a tag and a metric
                 self.tracker.set_tags(
                     {
@@ -340,8 +342,30 @@ class Trainer:
         }
         self.tracker.log_params(params)
         self.tracker.log_metrics({"world_size": self.info.world_size}, self.global_step)  # a resize logs its own
+        self._log_datasets()
         for name in ("config.yaml", "ds_config_g.json", "ds_config_d.json"):
             self.tracker.log_artifact(self.run_dir / name, "config")
+
+    def _log_datasets(self) -> None:
+        """Rank 0: the training data, and the FID reference set, as MLflow dataset inputs."""
+        data, manifest = self.config.data, self.loader.manifest
+        if manifest is not None:
+            name, digest, source = Path(manifest["_path"]).parent.name, manifest["_hash"], manifest["_path"]
+        else:  # a URL pattern: identified by its shards and their sample counts
+            listing = json.dumps(list(zip(self.loader.urls, self.loader.layout.counts, strict=True)))
+            name, digest, source = Path(data.shards).name, hashlib.sha256(listing.encode()).hexdigest(), data.shards
+        model = self.config.model
+        profile = {"num_samples": self.loader.layout.total, "resolution": model.resolution, "channels": model.channels}
+        self.tracker.log_dataset(name, digest, str(source), "training", profile | {"split": data.split})
+        if self.fid is not None:
+            reference = self.fid.reference.describe
+            self.tracker.log_dataset(
+                Path(reference["source"]).name,
+                reference.get("manifest_sha256") or hashlib.sha256(reference["source"].encode()).hexdigest(),
+                reference["source"],
+                "evaluation",
+                {"num_samples": reference["n"], "split": reference.get("split")},
+            )
 
     def save_checkpoint(self) -> Path:
         meta = {"epoch": self.loader.epoch, "tracking_run_id": self.tracker.run_id}

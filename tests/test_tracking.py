@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.errors import UserError
-from pipeline.tracking import redact_uri, safe_params
+from pipeline.tracking import UI_MODEL_TRAINING, redact_uri, safe_params
 from tests.conftest import REPO, child_env, run_cli, train_overrides
 
 
@@ -59,9 +59,16 @@ def test_embedded_sqlite_run_has_params_metrics_images_and_artifacts(mnist_shard
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/generator.pt"}
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert any("samples+step+3+" in p for p in images) and any("samples+step+6+" in p for p in images)
+    # The training data as an MLflow dataset input, identified by its manifest's sha256.
+    (dataset_input,) = run.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert dataset.digest == params["data.manifest_sha256"][:36] and dataset.source_type == "local"
+    assert json.loads(dataset.source)["uri"] == str(mnist_shards / "manifest.json")
+    assert json.loads(dataset.profile) == {"num_samples": 512, "resolution": 32, "channels": 1, "split": "train"}
+    assert [(t.key, t.value) for t in dataset_input.tags] == [("mlflow.data.context", "training")]
     # The experiment opens on its runs in MLflow 3's UI, and the run says how to get there.
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
-    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?{UI_MODEL_TRAINING}"
     assert f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{tmp_path}/runs/mlflow.db --port 5000, then {page}" in (
         result.stderr
     )
@@ -216,6 +223,22 @@ def test_end_of_run_waits_a_bounded_time_when_the_server_stays_down(mnist_shards
     assert proc.returncode == 0, stderr[-3000:]  # training itself succeeded
     assert "not delivered" in stderr and time.time() - stopped < 60
     assert len(metrics_file.read_text().splitlines()) == 200  # the local record is complete
+
+    # The server is back after the job: sync-tracking delivers what the run lacks, once.
+    mlflow_server.start()
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.url}
+    client = MlflowClient(mlflow_server.url)
+    run_id = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id])[0].info.run_id
+    assert len(steps_of(client, run_id)) < 200
+    synced = run_cli("sync-tracking", tmp_path / "runs" / "d", env=env, timeout=120)
+    assert synced.returncode == 0, synced.stderr[-3000:]
+    assert steps_of(client, run_id) == list(range(1, 201)) and steps_of(client, run_id, "D_x") == list(range(1, 201))
+    assert [a.path for a in client.list_artifacts(run_id, "images") if "samples+step+200+" in a.path]
+    again = run_cli("sync-tracking", tmp_path / "runs" / "d", env=env, timeout=120)
+    assert f"run {run_id}: delivered 0 metric value(s) and 0 sample grid(s)" in again.stdout
+    assert steps_of(client, run_id) == list(range(1, 201))  # nothing twice
+    missing = run_cli("sync-tracking", tmp_path / "nowhere", env=env, timeout=60)
+    assert missing.returncode == 2 and "is not a run folder (no config.yaml)" in missing.stderr
 
 
 def test_store_that_is_not_a_database_is_a_clear_error(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.tracking import UI_MODEL_TRAINING
 from tests.conftest import REPO, run_cli, train_overrides
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -50,9 +51,9 @@ def test_mlflow_ui_shows_loss_charts_and_sample_images(mnist_shards, tmp_path, m
         try:
             # Tall enough that the image cards below the 16 metric charts render (they load lazily).
             page = browser.new_page(viewport={"width": 1600, "height": 4000})
-            # As a user arrives: the experiment's page, which opens on its runs (the experiment-kind
-            # tag), not on MLflow 3's GenAI overview; then the run, then its "Model metrics" tab.
-            page.goto(f"{mlflow_server.url}/#/experiments/{experiment_id}", timeout=60_000)
+            # As a user arrives: the experiment's page as our links give it, which opens on its runs
+            # (not on MLflow 3's GenAI overview); then the run, then its "Model metrics" tab.
+            page.goto(f"{mlflow_server.url}/#/experiments/{experiment_id}?{UI_MODEL_TRAINING}", timeout=60_000)
             page.get_by_role("link", name="ui", exact=True).first.click(timeout=60_000)
             page.wait_for_url(f"**/runs/{run_id}**", timeout=60_000)
             page.get_by_text("Model metrics", exact=True).first.click(timeout=60_000)
