@@ -2,9 +2,10 @@
 
 Same Trainer, data and step; rounds alternate between tracking off (NullTracker) and on
 (an MlflowTracker writing to a sqlite store, metrics every step: the worst case; the
-default logs every 10 steps). Goal: overhead <= 2%.
+default logs every 10 steps), with --system-metrics S also MLflow's system-metrics sampler
+every S seconds during the "on" rounds (started and stopped with each). Goal: overhead <= 2%.
 
-    python bench/tracking_overhead.py [--steps 40] [--rounds 4] [--log-every 1]
+    python bench/tracking_overhead.py [--steps 40] [--rounds 4] [--log-every 1] [--system-metrics 1]
 """
 
 import argparse
@@ -30,6 +31,7 @@ def main():
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--log-every", type=int, default=1)
+    parser.add_argument("--system-metrics", type=float, default=0, help="sampling seconds; 0: no sampler")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -61,11 +63,25 @@ def main():
             trainer.train()
             return (time.perf_counter() - started) / args.steps
 
-        timed(null), timed(tracker)  # warm-up
+        def timed_on():
+            sampler = None
+            if args.system_metrics:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                sampler = SystemMetricsMonitor(
+                    tracker.run_id, sampling_interval=args.system_metrics, node_id="bench", tracking_uri=tracker.uri
+                )
+                sampler.start()
+            seconds = timed(tracker)
+            if sampler is not None:
+                sampler.finish()
+            return seconds
+
+        timed(null), timed_on()  # warm-up
         on, off = [], []
         for r in range(args.rounds):
             off.append(timed(null))
-            on.append(timed(tracker))
+            on.append(timed_on())
             print(
                 f"round {r + 1}/{args.rounds}: off {off[-1] * 1000:.1f} ms/step, on {on[-1] * 1000:.1f} ms/step",
                 flush=True,
@@ -86,6 +102,7 @@ def main():
             overhead_percent=round(overhead * 100, 2),
             log_every=args.log_every,
             store="sqlite",
+            system_metrics_every_s=args.system_metrics or None,
             metrics_delivered=delivered,
         )
 

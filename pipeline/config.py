@@ -137,6 +137,12 @@ class TrackingConfig(Section):
     flush_timeout_s: float = Field(60.0, ge=0, description="longest wait at the end of a run for delivery")
     max_buffered_metrics: int = Field(500_000, ge=1000, description="metric values kept during an outage")
     upload_final_checkpoint: bool = Field(False, description="also upload the last checkpoint folder")
+    system_metrics: Literal["auto"] | bool = Field(
+        "auto",
+        description="MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py): true, false, "
+        "or auto: on GPU runs",
+    )
+    system_metrics_every_s: float = Field(10.0, ge=1, description="seconds between system metric samples")
 
 
 class EvalConfig(Section):

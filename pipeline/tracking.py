@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import re
+import socket
 import threading
 import time
 from pathlib import Path
@@ -212,10 +213,14 @@ class MlflowTracker:
         self._buffered_metrics = 0
         self.dropped_metrics = 0
         self.outage_since: float | None = None
+        self._system_metrics = None
 
     # ------------------------------------------------------------ producer side
-    def start(self, run_name: str, run_id: str | None = None, tags: dict | None = None) -> str:
-        """A new run, or the given one (a resumed training) set back to RUNNING."""
+    def start(
+        self, run_name: str, run_id: str | None = None, tags: dict | None = None, system_metrics: bool = False
+    ) -> str:
+        """A new run, or the given one (a resumed training) set back to RUNNING; with
+        system_metrics, MLflow's own sampler thread logs this node's system/NODE/... metrics."""
         tags = safe_params(tags or {})
         if run_id:
             self.client.get_run(run_id)  # raises if it is gone
@@ -226,6 +231,19 @@ class MlflowTracker:
             self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags).info.run_id
         self._thread = threading.Thread(target=self._deliver_forever, name="mlflow-tracking", daemon=True)
         self._thread.start()
+        if system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            # MLflow's sampler: a daemon thread that logs on its own (a failure stops it, never the
+            # training); its names carry the node, as every node of a job may sample into one run.
+            self._system_metrics = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=self.config.system_metrics_every_s,
+                node_id=node_name(),
+                tracking_uri=self.uri,
+                resume_logging=run_id is not None,
+            )
+            self._system_metrics.start()
         log.info("tracking run %s in %s (experiment %r)", self.run_id, self.shown_uri, self.config.experiment)
         return self.run_id
 
@@ -311,6 +329,10 @@ class MlflowTracker:
             return
         if error:
             self.set_tags({"error": error[:5000]})
+        if self._system_metrics is not None:
+            # Before the status: it stops at a finished run. Bounded: its wait wakes on finish(), then
+            # at most one store request (MLFLOW_HTTP_REQUEST_TIMEOUT) and its last batch.
+            self._system_metrics.finish()
         self._put(("status", status))
         self._stop.set()
         self._wake.set()
@@ -423,6 +445,11 @@ FID_METRICS = {
     "seconds": "fid_seconds",
 }
 SAMPLE_ARTIFACT = re.compile(r"samples\+step\+(\d+)\+")  # how MLflow's log_image names a grid's file
+
+
+def node_name() -> str:
+    """This node as Slurm names it, else its host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def sync_records(client, run_id: str, run_dir: Path, up_to_step: int | None = None) -> dict:

@@ -300,7 +300,12 @@ class Trainer:
             return
         tracking = self.config.tracking
         tags = {"run_dir": str(self.run_dir.resolve()), "launcher": self.info.launcher, **tracking.tags}
-        self.tracker.start(tracking.run_name or self.run_dir.name, run_id=run_id, tags=tags)
+        system_metrics = (
+            self.device.type == "cuda" if tracking.system_metrics == "auto" else bool(tracking.system_metrics)
+        )
+        self.tracker.start(
+            tracking.run_name or self.run_dir.name, run_id=run_id, tags=tags, system_metrics=system_metrics
+        )
         if self.fid is not None:
             self.tracker.set_tags(
                 {

@@ -1,6 +1,7 @@
 """MLflow tracking against the embedded sqlite store and a real `mlflow server` process."""
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -54,6 +55,7 @@ def test_embedded_sqlite_run_has_params_metrics_images_and_artifacts(mnist_shard
     assert run.data.tags["team"] == "gan" and run.data.tags["checkpoint.latest"].endswith("step_0000006")
     for key in ("loss_D", "loss_G", "D_x", "D_G_z", "grad_norm_D", "images_per_s", "data_wait_share", "rss_mb"):
         assert steps_of(client, run.info.run_id, key) == [2, 4, 6], key
+    assert not [k for k in run.data.metrics if k.startswith("system/")]  # system metrics: off on CPU by default
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "model", "images"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/generator.pt"}
@@ -72,6 +74,23 @@ def test_embedded_sqlite_run_has_params_metrics_images_and_artifacts(mnist_shard
     assert f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{tmp_path}/runs/mlflow.db --port 5000, then {page}" in (
         result.stderr
     )
+
+
+def test_system_metrics_are_sampled_per_node_when_asked(mnist_shards, tmp_path):
+    """Off by default on CPU; on, MLflow's sampler logs system/NODE/... metrics into the run."""
+    result, summary = train(
+        mnist_shards,
+        tmp_path,
+        "train.steps=30",
+        "train.run_name=s",
+        "tracking.system_metrics=true",
+        "tracking.system_metrics_every_s=1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = sqlite_client(tmp_path).get_run(summary["mlflow_run_id"]).data.metrics
+    node = socket.gethostname()
+    for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+        assert f"system/{node}/{name}" in metrics, sorted(metrics)
 
 
 def test_resume_continues_the_same_run(mnist_shards, tmp_path):
