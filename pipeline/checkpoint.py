@@ -8,7 +8,9 @@ Layout of one run's checkpoints:
         step_0000500/
             meta.json           step, epoch, config + hash, world size, versions (rank 0)
             g/, d/              each engine's state (weights, optimizer, loss scaler,
-                                counters) in its own folder, written by pipeline.engines
+                                counters) in its own folder, written by pipeline.engines;
+                                g/universal/, d/universal/ once the checkpoint was resumed
+                                on another world size with ZeRO (pipeline/elastic.py)
             g_weights.pt        G's weights as a plain fp32 state dict (rank 0): what
             d_weights.pt        `sample`, `export` and `eval` read, with torch alone
             ema.pt              the EMA generator (rank 0)
