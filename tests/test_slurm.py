@@ -207,6 +207,41 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches_the_straight_run
     )
 
 
+def test_a_requeued_job_cut_to_one_node_resumes_in_the_same_run(cluster, mnist_shards, tmp_path):
+    """2 nodes x 2 tasks (global batch 4 x 16), signalled and requeued; while it pends it is
+    held, cut to 1 node with scontrol update and released: it resumes on 2 ranks, keeping the
+    global batch (16 x accumulation 2) and its MLflow run, and finishes."""
+    layout = ["--nodes", 2, "--ntasks-per-node", 2]
+    job = sbatch(cluster, tmp_path, *layout, REPO / "slurm/train.sbatch", *overrides(mnist_shards, tmp_path))
+    signal_after_5_steps(cluster, job, tmp_path)
+    wait_requeued(cluster, job)
+    for command in (
+        ["hold", job],
+        ["update", f"JobId={job}", "NumNodes=1", "NumTasks=2", "NumCPUs=2"],  # CPUs shrink with the tasks
+        ["release", job],  # it starts after the requeue's delay (cred_expire: 10 s on the local cluster)
+    ):
+        done = subprocess.run(["scontrol", *command], capture_output=True, text=True, timeout=10, env=cluster)
+        assert done.returncode == 0, done.stderr
+    state = wait_job(cluster, job, 300)
+    log = (tmp_path / f"dcgan-{job}.log").read_text()
+    assert state["JobState"] == "COMPLETED" and state["NumNodes"] == "1", (state, log[-3000:])
+    stopped_at = int(log.split("preemption signal at step ")[1].split(":")[0])
+    assert "1 node(s) [n1], 2 task(s)" in log or "1 node(s) [n2], 2 task(s)" in log
+    assert "topology: launcher=srun world_size=2 nodes=1 ranks_per_node=2" in log
+    resized = f"resumed from step {stopped_at}: world size 4 -> 2, global batch kept at 64 (batch 16 x accumulation 2)"
+    assert resized in log, log[-4000:]
+    run_dir = tmp_path / "runs" / f"dcgan-{job}"
+    assert resized in (run_dir / "train.log").read_text()
+    assert (run_dir / "checkpoints/latest").read_text().strip() == f"step_{STEPS:07d}"
+
+    client, run = mlflow_run(tmp_path / "runs")  # one run, continued on the new world size
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["world_size"] == "2" and run.data.tags["world_size_changed_at_step"] == str(stopped_at)
+    history = client.get_metric_history(run.info.run_id, "world_size")
+    assert sorted((m.step, m.value) for m in history) == [(0, 4.0), (stopped_at, 2.0)]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_D")] == list(range(1, STEPS + 1))
+
+
 @pytest.mark.parametrize(
     "layout, env, message",
     [
