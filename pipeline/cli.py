@@ -106,6 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sync.add_argument("run_dir", help="the run folder (runs/NAME)")
 
+    runs = commands.add_parser("runs", help="MLflow runs: compare a sweep's children")
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True, metavar="ACTION")
+    compare = runs_commands.add_parser(
+        "compare",
+        help="list the child runs of a sweep (a parent run) with their FID and the params that differ",
+        description="The store: MLFLOW_TRACKING_URI, else --tracking-uri, else the embedded sqlite store "
+        "of --run-root.",
+    )
+    compare.add_argument("parent", help="the parent run's name (slurm/sweep.sbatch: JOBNAME-ARRAYJOBID)")
+    compare.add_argument("--experiment", default="dcgan", help="MLflow experiment (tracking.experiment)")
+    compare.add_argument("--run-root", default="runs", help="train.run_root: where the embedded store is")
+    compare.add_argument("--tracking-uri", default=None, help="tracking.uri")
+    compare.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
     sample = commands.add_parser("sample", help="write an image grid from a saved generator")
     sample.add_argument(
         "--checkpoint",
@@ -234,7 +248,7 @@ def cmd_train(args) -> int:
     from pipeline.train import run_training
 
     name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "run"
-    return run_training(config, name, args.resume)
+    return run_training(config, name, args.resume, args.overrides)
 
 
 def cmd_sync_tracking(args) -> int:
@@ -253,6 +267,31 @@ def cmd_sync_tracking(args) -> int:
         f"{delivered['sample_grids']} sample grid(s) it lacked"
     )
     return 0
+
+
+def cmd_runs(args) -> int:
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import MlflowTracker, compare_sweep
+
+    tracking = TrackingConfig(uri=args.tracking_uri, experiment=args.experiment)
+    tracker = MlflowTracker(tracking, args.run_root, create_experiment=False)  # checks that the store answers
+    table = compare_sweep(tracker.client, tracker.experiment_id, args.parent)
+    if args.json:
+        print(json.dumps(table))
+        return 0
+    columns = ["run", "status", "step", "best_fid", "fid", *table["differing_params"]]
+    rows = [[_cell(row.get(c)) for c in columns] for row in table["children"]]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    print(f"sweep {args.parent} (parent run {table['parent_run_id']}): {len(rows)} child run(s), best first")
+    for line in [columns, *rows]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+    return 0
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def cmd_sample(args) -> int:
@@ -289,6 +328,7 @@ COMMANDS = {
     "stream": cmd_stream,
     "train": cmd_train,
     "sync-tracking": cmd_sync_tracking,
+    "runs": cmd_runs,
     "sample": cmd_sample,
     "export": cmd_export,
     "eval": cmd_eval,

@@ -143,6 +143,22 @@ class TrackingConfig(Section):
         "or auto: on GPU runs",
     )
     system_metrics_every_s: float = Field(10.0, ge=1, description="seconds between system metric samples")
+    parent_run: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="make this run a child of the MLflow run of this name, created by the first run that "
+        "names it (slurm/sweep.sbatch: one parent per job array); the parent shows its best child's FID",
+    )
+    log_model: bool = Field(
+        True,
+        description="log the generator (EMA) as an MLflow PyTorch model at each new best FID and at the end",
+    )
+    registered_model: str | None = Field(
+        None,
+        min_length=1,
+        description="register each logged generator as a version of this MLflow registered model; "
+        "the alias `best` follows the lowest FID",
+    )
 
 
 class EvalConfig(Section):

@@ -32,7 +32,7 @@ def generate(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return sampler(z.to(device=parameter.device, dtype=parameter.dtype))
 
 
-def _payload(state_dict: dict, model: dict, step: int, ema: bool) -> dict:
+def generator_payload(state_dict: dict, model: dict, step: int, ema: bool) -> dict:
     """The export file's contents. `model` holds the config's resolution, channels,
     latent_dim and g_width."""
     return {
@@ -51,7 +51,7 @@ def _payload(state_dict: dict, model: dict, step: int, ema: bool) -> dict:
 
 
 def save_generator(path: str | Path, generator: nn.Module, model_config, step: int, ema: bool) -> Path:
-    torch.save(_payload(generator.state_dict(), model_config.model_dump(), step, ema), path)
+    torch.save(generator_payload(generator.state_dict(), model_config.model_dump(), step, ema), path)
     return Path(path)
 
 
@@ -69,14 +69,38 @@ def load_generator(
     path = resolve_source(path)
     if path.is_dir():
         state, ema, meta = generator_state(path, prefer_ema)
-        payload = _payload(state, meta["config"]["model"], meta["step"], ema)
+        payload = generator_payload(state, meta["config"]["model"], meta["step"], ema)
     else:
         payload = load_tensors(path, "checkpoint")  # named after the --checkpoint option
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path}: not a gan-pipeline generator export")
+    return generator_from_payload(payload, device), payload
+
+
+def generator_from_payload(payload: dict, device: str | torch.device = "cpu") -> nn.Module:
     generator = build_generator(**{"arch": "dcgan"} | payload["model"]).to(device)  # exports before arch: dcgan
     generator.load_state_dict({k: v.float() for k, v in payload["state_dict"].items()})
-    return generator.eval(), payload
+    return generator.eval()
+
+
+@torch.no_grad()
+def inference_generator(payload: dict, batches: int = 16, batch_size: int = 256, seed: int = 0) -> nn.Module:
+    """A generator that samples well one latent at a time, in eval mode: what a user of the
+    MLflow model calls. `generate` samples with batch statistics, which needs a batch; here
+    each BatchNorm's running statistics are recomputed for these (EMA) weights as the exact
+    average over `batches` batches of random latents (momentum None), the BatchNorm
+    recalibration of SWA (Izmailov et al. 2018; torch.optim.swa_utils.update_bn)."""
+    generator = generator_from_payload(payload)
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if norms:
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None  # a cumulative average: every batch counts the same
+        generator.train()
+        latents = torch.Generator().manual_seed(seed)
+        for _ in range(batches):
+            generator(torch.randn(batch_size, payload["model"]["latent_dim"], generator=latents))
+    return generator.eval()
 
 
 def export_generator(source: str | Path, out: str | Path) -> dict:

@@ -77,6 +77,16 @@ def safe_params(params: dict[str, Any]) -> dict[str, str]:
     return result
 
 
+def safe_overrides(overrides: list[str]) -> str:
+    """Command-line KEY=VALUE words as one line. A value is masked whole when the word names a
+    secret anywhere: in its key, or inside a mapping value (tracking.tags={api_token: ...})."""
+    words = []
+    for word in overrides:
+        key, sep, _ = word.partition("=")
+        words.append(f"{key}{sep}***" if sep and SECRET_WORDS.search(word) else word)
+    return redact_text(" ".join(words))
+
+
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
@@ -111,6 +121,8 @@ class NullTracker:
     def log_image(self, path, key: str, step: int) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
     def log_dataset(self, name: str, digest: str, source: str, context: str, profile: dict) -> None: ...
+    def log_model(self, payload: dict, tags: dict) -> None: ...
+    def update_parent(self) -> None: ...
     def sync(self, run_dir: Path, up_to_step: int) -> None: ...
     def finish(self, status: str, error: str | None = None) -> None: ...
 
@@ -119,14 +131,21 @@ class NullTracker:
 
 
 @contextlib.contextmanager
-def _sqlite_setup_lock(uri: str, timeout_s: float = 120.0):
+def _sqlite_setup_lock(uri: str):
     """Serialise the creation of an sqlite store and its experiment across processes: the runs
     of a job array start together on one shared run_root, and MLflow's schema migration and
     create_experiment race otherwise ("table already exists", "experiment exists")."""
     if not uri.startswith("sqlite:///"):
         yield
         return
-    lock_path = Path(uri[len("sqlite:///") :]).with_suffix(".setup-lock")
+    with file_lock(Path(uri[len("sqlite:///") :]).with_suffix(".setup-lock"), f"tracking store {uri}"):
+        yield
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: Path, what: str, timeout_s: float = 120.0):
+    """An exclusive flock on lock_path across processes (and nodes, on a shared file system that
+    supports it), waited for at most timeout_s."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout_s
     with open(lock_path, "a") as handle:
@@ -136,9 +155,7 @@ def _sqlite_setup_lock(uri: str, timeout_s: float = 120.0):
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise UserError(
-                        f"tracking store {uri}: another process held {lock_path} for {timeout_s:.0f} s"
-                    ) from None
+                    raise UserError(f"{what}: another process held {lock_path} for {timeout_s:.0f} s") from None
                 time.sleep(0.2)
         try:
             yield
@@ -172,13 +189,14 @@ UI_MODEL_TRAINING = "workflowType=machine_learning"
 class MlflowTracker:
     """Rank 0 only. Construction checks that the store answers: a bad URI fails here, before training."""
 
-    def __init__(self, config, run_root: str | Path):
+    def __init__(self, config, run_root: str | Path, create_experiment: bool = True):
         # Our own retry loop below replaces MLflow's (7 retries with back-off would block a flush for minutes).
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         from mlflow.tracking import MlflowClient
 
         self.config = config
+        self.run_root = Path(run_root)
         self.uri, artifact_location = resolve_uri(config.uri, run_root)
         self.shown_uri = redact_uri(self.uri)
         scheme = urlsplit(self.uri).scheme
@@ -188,6 +206,8 @@ class MlflowTracker:
             with _sqlite_setup_lock(self.uri):
                 self.client = MlflowClient(tracking_uri=self.uri)
                 experiment = self.client.get_experiment_by_name(config.experiment)
+                if experiment is None and not create_experiment:
+                    raise UserError(f"no experiment {config.experiment!r} in {self.shown_uri}")
                 self.experiment_id = (
                     experiment.experiment_id
                     if experiment is not None
@@ -214,6 +234,7 @@ class MlflowTracker:
         self.dropped_metrics = 0
         self.outage_since: float | None = None
         self._system_metrics = None
+        self.model_uri: str | None = None  # the newest generator delivered: its registry version, or its model
 
     # ------------------------------------------------------------ producer side
     def start(
@@ -222,6 +243,11 @@ class MlflowTracker:
         """A new run, or the given one (a resumed training) set back to RUNNING; with
         system_metrics, MLflow's own sampler thread logs this node's system/NODE/... metrics."""
         tags = safe_params(tags or {})
+        self.parent_run_id = None
+        if self.config.parent_run:
+            self.parent_run_id = self._parent_run(self.config.parent_run)
+            # mlflow.parentRunId: MLflow's own nesting (the UI shows the children under the parent)
+            tags |= {"mlflow.parentRunId": self.parent_run_id, SWEEP_TAG: self.config.parent_run, ROLE_TAG: "child"}
         if run_id:
             self.client.get_run(run_id)  # raises if it is gone
             self.client.update_run(run_id, status="RUNNING")
@@ -245,16 +271,35 @@ class MlflowTracker:
             )
             self._system_metrics.start()
         log.info("tracking run %s in %s (experiment %r)", self.run_id, self.shown_uri, self.config.experiment)
+        self.update_parent()
         return self.run_id
+
+    def _parent_run(self, name: str) -> str:
+        """The id of the parent run NAME in this experiment, made by the first child to get here.
+        The children of a job array start together, on several nodes: a lock file in the shared
+        run_root makes the look-up-or-create one step."""
+        with file_lock(self.run_root / f"{name}.parent-lock", f"parent run {name}"):
+            found = sweep_runs(self.client, self.experiment_id, name, "parent")
+            if found:
+                return found[0].info.run_id
+            tags = {SWEEP_TAG: name, ROLE_TAG: "parent"}
+            return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def update_parent(self) -> None:
+        """Queue: the parent run takes its best child's FID, and is RUNNING while a child runs."""
+        if self.parent_run_id is not None:
+            self._put(("parent",))
 
     def where(self) -> str:
         """One line: how to see this run in the MLflow UI (the URL, after the command that serves
         a local store)."""
         page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}?{UI_MODEL_TRAINING}"
+        model = f"; generator: mlflow.pytorch.load_model('{self.model_uri}')" if self.model_uri else ""
         if urlsplit(self.uri).scheme in ("http", "https"):
-            return f"MLflow run: {self.shown_uri.rstrip('/')}/{page}"
+            return f"MLflow run: {self.shown_uri.rstrip('/')}/{page}{model}"
         return (
             f"MLflow UI: mlflow ui --backend-store-uri {self.shown_uri} --port 5000, then http://127.0.0.1:5000/{page}"
+            f"{model}"
         )
 
     def _put(self, op: tuple) -> None:
@@ -323,6 +368,14 @@ class MlflowTracker:
         )
         self._put(("dataset", DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])))
 
+    def log_model(self, payload: dict, tags: dict) -> None:
+        """Queue the generator of an export payload (pipeline/export.py) as an MLflow model of the
+        run and, with tracking.registered_model, a registry version (pipeline/model_registry.py).
+        tags (fid, step, dataset_digest, ...) go on both."""
+        if self.config.log_model:
+            job = {"payload": payload, "tags": safe_params(tags | {"run_id": self.run_id}), "info": None}
+            self._put(("model", job))
+
     def finish(self, status: str, error: str | None = None) -> None:
         """Queue the end state, then wait at most flush_timeout_s for delivery."""
         if self.run_id is None:
@@ -334,6 +387,7 @@ class MlflowTracker:
             # at most one store request (MLFLOW_HTTP_REQUEST_TIMEOUT) and its last batch.
             self._system_metrics.finish()
         self._put(("status", status))
+        self.update_parent()  # after this run's own end state: the parent may be finished with it
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
@@ -424,10 +478,45 @@ class MlflowTracker:
                 log.info("tracking: delivered records the run lacked: %s", delivered)
         elif kind == "dataset":
             self.client.log_inputs(self.run_id, datasets=[op[1]])
+        elif kind == "model":
+            self._deliver_model(op[1])
+        elif kind == "parent":
+            update_parent(self.client, self.experiment_id, self.parent_run_id, self.config.parent_run)
         elif kind == "status":
             self.client.set_terminated(self.run_id, status=op[1])
         with self._lock:
             self._queue.popleft()
+
+    def _deliver_model(self, job: dict) -> None:
+        """Log, then register: a store failure raises and the delivery loop retries from the stage
+        that failed (`job` keeps the logged model), so a retry does not log the model twice. A
+        failure of our own (building or exporting the module) is reported with its traceback and
+        the model skipped: retrying cannot help, and the run must go on."""
+        from pipeline import model_registry
+
+        try:
+            if job["info"] is None:
+                job["info"] = model_registry.log_generator(self.uri, self.run_id, job["payload"], job["tags"])
+                job["payload"] = None
+                self.client.set_tag(self.run_id, "model.uri", job["info"].model_uri)
+                self.model_uri = job["info"].model_uri
+                log.info("tracking: generator logged as %s (step %s)", job["info"].model_uri, job["tags"]["step"])
+            name = self.config.registered_model
+            if name:
+                version = model_registry.register(self.client, name, job["info"], self.run_id, job["tags"])
+                self.model_uri = f"models:/{name}/{version.version}"
+                self.client.set_tag(self.run_id, "model.registered", self.model_uri)
+                log.info("tracking: registered models:/%s/%s", name, version.version)
+        except Exception as exc:
+            if isinstance(exc, _store_errors()) or _is_connection_error(exc):
+                raise
+            log.exception("tracking: logging the generator as an MLflow model failed (a bug: report it); skipped")
+
+
+def _is_connection_error(exc: Exception) -> bool:
+    import requests
+
+    return isinstance(exc, requests.exceptions.RequestException)
 
 
 def _is_client_error(exc: Exception) -> bool:
@@ -445,6 +534,72 @@ FID_METRICS = {
     "seconds": "fid_seconds",
 }
 SAMPLE_ARTIFACT = re.compile(r"samples\+step\+(\d+)\+")  # how MLflow's log_image names a grid's file
+
+
+SWEEP_TAG, ROLE_TAG = "sweep", "sweep_role"  # parent: (NAME, parent); each child: (NAME, child)
+
+
+def sweep_runs(client, experiment_id: str, name: str, role: str) -> list:
+    """The parent (role "parent") or the children ("child") of sweep NAME, oldest first."""
+    query = f"tags.{SWEEP_TAG} = '{name}' and tags.{ROLE_TAG} = '{role}'"
+    return client.search_runs([experiment_id], query, max_results=10_000, order_by=["attributes.start_time ASC"])
+
+
+def update_parent(client, experiment_id: str, parent_run_id: str, name: str) -> None:
+    """Recompute the parent's summary from all its children, so the last child to write leaves it
+    right whatever the order: best_fid (the lowest of the children's best_fid) with the child's
+    run id, name and overrides as tags; RUNNING while a child runs, else FINISHED."""
+    from mlflow.entities import Metric, RunTag
+
+    children = sweep_runs(client, experiment_id, name, "child")
+    scored = [(c.data.metrics["best_fid"], c.info.start_time, c) for c in children if "best_fid" in c.data.metrics]
+    if scored:
+        fid, _, best = min(scored, key=lambda item: item[:2])
+        tags = {
+            "best_child_run_id": best.info.run_id,
+            "best_child": best.info.run_name,
+            "best_child_overrides": best.data.tags.get("overrides", ""),
+        }
+        metric = Metric("best_fid", fid, int(time.time() * 1000), 0)
+        client.log_batch(parent_run_id, metrics=[metric], tags=[RunTag(k, v) for k, v in tags.items()])
+    running = any(c.info.status in ("RUNNING", "SCHEDULED") for c in children)
+    status = client.get_run(parent_run_id).info.status
+    if running and status != "RUNNING":
+        client.update_run(parent_run_id, status="RUNNING")
+    elif not running and status == "RUNNING":
+        client.set_terminated(parent_run_id, status="FINISHED")
+
+
+def compare_sweep(client, experiment_id: str, name: str) -> dict:
+    """The children of parent run NAME, lowest best_fid first (unscored last): run name, status,
+    step, best_fid, latest fid, and the config params whose values differ between them."""
+    parents = sweep_runs(client, experiment_id, name, "parent")
+    if not parents:
+        raise UserError(f"no parent run named {name!r} in this experiment (tracking.parent_run; slurm/sweep.sbatch)")
+    children = sweep_runs(client, experiment_id, name, "child")
+    same_for_all = ("config.train.run_name", "config.tracking.run_name", "config.tracking.parent_run")
+    keys = sorted({k for c in children for k in c.data.params if k.startswith("config.") and k not in same_for_all})
+    differing = [k for k in keys if len({c.data.params.get(k) for c in children}) > 1]
+    rows = [
+        {
+            "run": c.info.run_name,
+            "run_id": c.info.run_id,
+            "status": c.info.status,
+            "step": int(c.data.tags["checkpoint.step"]) if "checkpoint.step" in c.data.tags else None,
+            "best_fid": c.data.metrics.get("best_fid"),
+            "fid": c.data.metrics.get("fid"),
+            "overrides": c.data.tags.get("overrides", ""),
+            **{k.removeprefix("config."): c.data.params.get(k) for k in differing},
+        }
+        for c in children
+    ]
+    rows.sort(key=lambda r: (r["best_fid"] is None, r["best_fid"] or 0.0))
+    return {
+        "parent": name,
+        "parent_run_id": parents[0].info.run_id,
+        "differing_params": [k.removeprefix("config.") for k in differing],
+        "children": rows,
+    }
 
 
 def node_name() -> str:

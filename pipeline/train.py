@@ -33,12 +33,12 @@ from pipeline.dist import DistInfo
 from pipeline.elastic import Resize, plan_resize, resized_config
 from pipeline.ema import EMA
 from pipeline.errors import EXIT_REQUEUE, PREEMPTION_SIGNALS, Preempted, UserError
-from pipeline.export import generate, save_generator
+from pipeline.export import generate, generator_payload, save_generator
 from pipeline.images import from_uint8, save_grid
 from pipeline.metrics import Divergence, StepMeans, agree
 from pipeline.models import build_pair
 from pipeline.random_state import derive_rng_state, rng_state, set_rng_state
-from pipeline.tracking import NullTracker, flatten, make_tracker
+from pipeline.tracking import NullTracker, flatten, make_tracker, safe_overrides
 from pipeline.versions import versions
 
 log = logging.getLogger("pipeline.train")
@@ -124,6 +124,7 @@ class Trainer:
             self.fid = FidEvaluator(config, self.device, config.train.progress)
         self.best_fid: tuple[float, int] | None = None  # (fid, step), rank 0
         self.last_fid: dict | None = None  # the newest evaluation's result, for the end-of-run verdict
+        self.model_logged_step: int | None = None  # rank 0: the step of the last generator given to MLflow
         self._prepare_run_dir()
 
     # ------------------------------------------------------------------ state
@@ -294,12 +295,15 @@ class Trainer:
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return kept
 
-    def start_tracking(self, run_id: str | None = None) -> None:
-        """Rank 0: open the MLflow run (the checkpoint's run when resuming) and log the set-up."""
+    def start_tracking(self, run_id: str | None = None, overrides: list[str] | None = None) -> None:
+        """Rank 0: open the MLflow run (the checkpoint's run when resuming) and log the set-up.
+        overrides: the command line's KEY=VALUE words, kept as the tag `overrides`."""
         if not self.info.is_main:
             return
         tracking = self.config.tracking
         tags = {"run_dir": str(self.run_dir.resolve()), "launcher": self.info.launcher, **tracking.tags}
+        if overrides:
+            tags["overrides"] = safe_overrides(overrides)  # safe_params then drops credentials in URLs
         system_metrics = (
             self.device.type == "cuda" if tracking.system_metrics == "auto" else bool(tracking.system_metrics)
         )
@@ -351,14 +355,19 @@ class Trainer:
         for name in ("config.yaml", "ds_config_g.json", "ds_config_d.json"):
             self.tracker.log_artifact(self.run_dir / name, "config")
 
-    def _log_datasets(self) -> None:
-        """Rank 0: the training data, and the FID reference set, as MLflow dataset inputs."""
+    def training_dataset(self) -> tuple[str, str, str]:
+        """(name, digest, source) of the training data as MLflow records it."""
         data, manifest = self.config.data, self.loader.manifest
         if manifest is not None:
-            name, digest, source = Path(manifest["_path"]).parent.name, manifest["_hash"], manifest["_path"]
-        else:  # a URL pattern: identified by its shards and their sample counts
-            listing = json.dumps(list(zip(self.loader.urls, self.loader.layout.counts, strict=True)))
-            name, digest, source = Path(data.shards).name, hashlib.sha256(listing.encode()).hexdigest(), data.shards
+            return Path(manifest["_path"]).parent.name, manifest["_hash"], str(manifest["_path"])
+        # a URL pattern: identified by its shards and their sample counts
+        listing = json.dumps(list(zip(self.loader.urls, self.loader.layout.counts, strict=True)))
+        return Path(data.shards).name, hashlib.sha256(listing.encode()).hexdigest(), data.shards
+
+    def _log_datasets(self) -> None:
+        """Rank 0: the training data, and the FID reference set, as MLflow dataset inputs."""
+        data = self.config.data
+        name, digest, source = self.training_dataset()
         model = self.config.model
         profile = {"num_samples": self.loader.layout.total, "resolution": model.resolution, "channels": model.channels}
         self.tracker.log_dataset(name, digest, str(source), "training", profile | {"split": data.split})
@@ -409,6 +418,9 @@ class Trainer:
                     self.evaluate_fid(saved or self.save_checkpoint())
         if self.info.is_main:
             self.tracker.log_artifact(self.export_generator(self.run_dir / GENERATOR_EXPORT), "model")
+            if self.model_logged_step != self.global_step:  # a new best at this step was logged already
+                final_fid = self.last_fid if self.last_fid and self.last_fid["step"] == self.global_step else None
+                self.log_model(final_fid)
             latest = self.checkpointer.latest()
             if self.config.tracking.upload_final_checkpoint and latest is not None:
                 self.tracker.log_artifact(latest, f"checkpoints/{latest.name}")
@@ -419,7 +431,7 @@ class Trainer:
         checkpoint of this step as best when its FID is the lowest so far. The checkpoint is
         saved before the (long) evaluation, so a kill during it loses nothing."""
         result = self.fid(self.sampling_generator())
-        self.last_fid = result
+        self.last_fid = result | {"step": self.global_step}
         if self.info.is_main:
             record = {"step": self.global_step, "checkpoint": checkpoint.name, **result}
             with open(self.run_dir / FID_LOG, "a") as f:
@@ -432,6 +444,7 @@ class Trainer:
             if self.best_fid is None or result["fid"] < self.best_fid[0]:
                 self.best_fid = (result["fid"], self.global_step)
                 self.checkpointer.mark_best(checkpoint)
+                self.log_model(result)
                 self.tracker.set_tags(
                     {
                         "best_fid": f"{result['fid']:.4f}",
@@ -439,6 +452,8 @@ class Trainer:
                         "checkpoint.best": str(checkpoint.resolve()),
                     }
                 )
+                self.tracker.log_metrics({"best_fid": result["fid"]}, self.global_step)  # sortable in the runs table
+                self.tracker.update_parent()
             log.info(
                 "step %d FID %.3f%s (n_generated=%d, n_reference=%d, %.0f s); best %.3f at step %d",
                 self.global_step,
@@ -496,6 +511,20 @@ class Trainer:
         """Rank 0: a grid from the fixed latent batch, so grids are comparable across steps."""
         images = generate(self.sampling_generator(), self.fixed_z)
         return save_grid(images, self.run_dir / "samples" / f"step_{self.global_step:07d}.png")
+
+    def log_model(self, fid: dict | None) -> None:
+        """Rank 0: queue the sampling generator (EMA) of this step as an MLflow model, tagged with
+        its FID when it was scored at this step. The tracker's thread exports and uploads it."""
+        generator = self.sampling_generator()
+        payload = generator_payload(
+            generator.state_dict(), self.config.model.model_dump(), self.global_step, self.ema is not None
+        )
+        tags = {"step": self.global_step, "dataset_digest": self.training_dataset()[1]}
+        if fid is not None:
+            tags |= {key: f"{fid[key]:.4f}" for key in ("fid", "fid_over_floor") if key in fid}
+            tags["fid_n_generated"] = fid["n_generated"]
+        self.tracker.log_model(payload, tags)
+        self.model_logged_step = self.global_step
 
     def export_generator(self, path: Path) -> Path:
         return save_generator(
@@ -582,7 +611,7 @@ def build_trainer(config: Config, info: DistInfo, run_dir: Path, checkpoint: Pat
     return trainer, (trainer.resume(checkpoint) if checkpoint is not None else {})
 
 
-def run_training(config: Config, config_name: str, resume: str = "none") -> int:
+def run_training(config: Config, config_name: str, resume: str = "none", overrides: list[str] | None = None) -> int:
     """Entry of `pipeline train` on every rank. Rank 0 settles the run folder and checks the
     tracking store before any training work; a problem there stops every rank."""
     from pipeline.dist import detect
@@ -606,7 +635,7 @@ def run_training(config: Config, config_name: str, resume: str = "none") -> int:
     run_dir, checkpoint = decision[0]
     with run_log(run_dir, info.is_main):
         trainer, meta = build_trainer(config, info, run_dir, checkpoint, tracker)
-        trainer.start_tracking(meta.get("tracking_run_id"))
+        trainer.start_tracking(meta.get("tracking_run_id"), overrides)
         try:  # the tracker's end state; the CLI's teardown destroys the process group on every path
             metrics = trainer.train()
         except Preempted:

@@ -305,6 +305,7 @@ def fid_run(mnist_shards, tmp_path_factory):
             "train.keep_checkpoints=1",
             *FID_STEPS,
             f"eval.floor={tmp / 'floor'}",
+            "tracking.registered_model=fid-test",
         ),
         timeout=300,
         env=ONE_THREAD,
@@ -334,6 +335,25 @@ def test_training_logs_fid_and_keeps_the_best_checkpoint(fid_run):
     tags = client.get_run(run_id).data.tags
     assert json.loads(tags["fid.protocol"])["weights_sha256"] == inception.WEIGHTS_SHA256
     assert tags["fid.n_reference"] == "16" and tags["best_fid_step"] == str(best["step"])
+
+
+def test_each_new_best_and_the_end_register_the_generator_and_best_follows_the_fid(fid_run):
+    """Step 2 is the first best; step 4 is registered once, as a new best or as the end of the run,
+    with its FID either way. The alias `best` is on the version of the lower FID."""
+    from mlflow.tracking import MlflowClient
+
+    records = {r["step"]: r for r in map(json.loads, (fid_run / "fid/fid.jsonl").read_text().splitlines())}
+    client = MlflowClient(f"sqlite:///{fid_run / 'mlflow.db'}")
+    versions = sorted(client.search_model_versions("name = 'fid-test'"), key=lambda v: int(v.version))
+    assert [int(v.tags["step"]) for v in versions] == [2, 4]
+    for version in versions:
+        record = records[int(version.tags["step"])]
+        assert version.tags["fid"] == f"{record['fid']:.4f}" and version.tags["fid_n_generated"] == "12"
+    best = client.get_model_version_by_alias("fid-test", "best")
+    assert int(best.tags["step"]) == min(records.values(), key=lambda r: r["fid"])["step"]
+    run = client.get_run(best.run_id)
+    assert best.tags["dataset_digest"] == run.data.params["data.manifest_sha256"]
+    assert run.data.tags["model.registered"] == "models:/fid-test/2"
 
 
 def test_every_fid_is_reported_against_the_real_vs_real_floor(fid_run):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from pipeline.dist import free_port
-from tests.conftest import REPO, child_env, train_overrides
+from tests.conftest import REPO, child_env, run_cli, train_overrides
 
 STEPS = 20
 
@@ -266,10 +266,11 @@ def test_a_wrong_allocation_fails_before_training(cluster, mnist_shards, tmp_pat
     assert not (tmp_path / "runs").exists()  # stopped before any rendezvous or run folder
 
 
-def test_sweep_array_runs_one_training_per_line(cluster, mnist_shards, tmp_path):
+def test_sweep_array_runs_one_training_per_line_as_children_of_one_parent_run(cluster, mnist_shards, tmp_path):
     sweep = tmp_path / "sweep.txt"
     sweep.write_text("# two runs\nseed=1 train.steps=2\n\nseed=2 train.steps=3\n")
-    args = ["configs/mnist32.yaml", str(sweep), *train_overrides(mnist_shards, tmp_path, "train.device=cpu")]
+    fid = ["eval.fid_every=2", "eval.n_generated=12", "eval.n_reference=16", "eval.batch_size=8", "eval.kid=false"]
+    args = ["configs/mnist32.yaml", str(sweep), *train_overrides(mnist_shards, tmp_path, "train.device=cpu", *fid)]
     job = sbatch(
         cluster, tmp_path, "--array=0-1", "--nodes", 1, "--ntasks-per-node", 1, REPO / "slurm/sweep.sbatch", *args
     )
@@ -280,3 +281,24 @@ def test_sweep_array_runs_one_training_per_line(cluster, mnist_shards, tmp_path)
         assert f"array task {task} overrides: seed={task + 1} train.steps={steps}" in log
         latest = tmp_path / "runs" / f"dcgan-sweep-{job}_{task}" / "checkpoints/latest"
         assert latest.read_text().strip() == f"step_{steps:07d}"
+
+    # MLflow: one parent run for the array, a child per task tagged with its overrides.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("dcgan").experiment_id])}
+    parent = runs.pop(f"dcgan-sweep-{job}")
+    assert sorted(runs) == [f"dcgan-sweep-{job}_0", f"dcgan-sweep-{job}_1"]
+    for task, child in enumerate(runs[f"dcgan-sweep-{job}_{t}"] for t in (0, 1)):
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert f"seed={task + 1} train.steps={task + 2}" in child.data.tags["overrides"]
+    best = min(runs.values(), key=lambda r: r.data.metrics["best_fid"])
+    assert parent.data.metrics["best_fid"] == best.data.metrics["best_fid"]
+    assert parent.data.tags["best_child"] == best.info.run_name and parent.info.status == "FINISHED"
+    compared = run_cli("runs", "compare", f"dcgan-sweep-{job}", "--run-root", tmp_path / "runs", "--json")
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    table = json.loads(compared.stdout)
+    assert [row["run"] for row in table["children"]] == sorted(runs, key=lambda n: runs[n].data.metrics["best_fid"])
+    assert table["differing_params"] == ["seed", "train.steps"]
+    rows = {(row["seed"], row["train.steps"], row["step"]) for row in table["children"]}
+    assert rows == {("1", "2", 2), ("2", "3", 3)}

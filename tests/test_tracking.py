@@ -170,6 +170,7 @@ def test_secrets_never_reach_params_or_tags(mnist_shards, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     run = sqlite_client(tmp_path).get_run(summary["mlflow_run_id"])
     assert not any("hunter2" in v for v in [*run.data.params.values(), *run.data.tags.values()])
+    assert run.data.tags["overrides"].endswith("train.run_name=s tracking.tags=***")  # the command line, masked
 
 
 def test_real_server_outage_mid_run_loses_no_metric(mnist_shards, tmp_path, mlflow_server):

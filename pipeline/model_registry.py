@@ -1,0 +1,108 @@
+"""The generator as an MLflow PyTorch model of its run, and as versions in the model registry.
+
+Which ranks run it: rank 0 alone, from the tracker's delivery thread (pipeline/tracking.py),
+so a slow or unreachable store never holds up training.
+
+What a user gets (MLflow 3.17):
+- `mlflow.pytorch.load_model(uri)`: a module mapping latents (N, latent_dim) to images
+  (N, C, H, W) in [-1, 1], loadable with torch and mlflow alone. It is saved as a
+  `torch.export` program ("pt2", MLflow's default outside Databricks), so loading runs no
+  pickled code and needs none of this package.
+- `mlflow.pyfunc.load_model(uri).predict(z)` with z a float32 array of that shape.
+- With tracking.registered_model, a registry version per logged model, tagged with its FID,
+  step, run id and dataset digest. The alias `best` follows the version of lowest FID.
+  The newest version needs no alias: MLflow reserves `latest` for it (`models:/NAME/latest`,
+  mlflow/utils/validation.py `_validate_model_alias_name_reserved`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from pipeline.export import inference_generator
+
+log = logging.getLogger("pipeline.tracking")
+MODEL_NAME = "generator"  # the logged model's name in its run
+BEST_ALIAS = "best"
+
+
+def signature(model: dict):
+    """Latents in, images out; the batch dimension free."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    # Unnamed tensors: MLflow's PyTorch flavour feeds one array to the module, and validates the
+    # input example through that same path (a named tensor arrives as a dict and is refused).
+    image = (-1, model["channels"], model["resolution"], model["resolution"])
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model["latent_dim"]))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), image)]),
+    )
+
+
+def log_generator(tracking_uri: str, run_id: str, payload: dict, tags: dict[str, str]):
+    """Log the generator of a generator export payload (pipeline/export.py) as an MLflow model
+    of the run, at the payload's step. Returns MLflow's ModelInfo."""
+    import mlflow
+
+    model = payload["model"]
+    example = torch.Generator().manual_seed(0)
+    input_example = torch.randn(4, model["latent_dim"], generator=example).numpy()
+    # mlflow.pytorch.log_model resolves its store through the process's tracking URI; rank 0
+    # talks to this one store only.
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.pytorch.log_model(
+        inference_generator(payload),
+        name=MODEL_NAME,
+        signature=signature(model),
+        input_example=input_example,
+        # Pinned to the training's torch (without a local build suffix such as +cu128): what
+        # loads a torch.export program of this version. MLflow adds itself.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        serialization_format="pt2",
+        run_id=run_id,
+        step=payload["step"],
+        tags=tags,
+        metadata={"format": payload["format"], "ema": payload["ema"], **model},
+    )
+
+
+def register(client, name: str, model_info, run_id: str, tags: dict[str, str]):
+    """A new version of registered model `name` from a logged model; then the `best` alias moves
+    to the version of lowest FID (versions without an FID tag are not candidates)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description="DCGAN generator: latents (N, latent_dim) -> images")
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another run of a sweep made it first
+            raise
+    version = client.create_model_version(
+        name, source=model_info.model_uri, run_id=run_id, tags=tags, model_id=model_info.model_id
+    )
+    best = best_version(client, name)
+    if best is not None:
+        client.set_registered_model_alias(name, BEST_ALIAS, best.version)
+    return version
+
+
+def best_version(client, name: str):
+    """The version of lowest FID tag, the older one on a tie; None when no version has an FID."""
+    scored = []
+    for version in client.search_model_versions(f"name = '{name}'"):
+        fid = _number(version.tags.get("fid"))
+        if fid is not None:
+            scored.append((fid, int(version.version), version))
+    return min(scored, key=lambda item: item[:2])[2] if scored else None
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text) if text is not None else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
