@@ -258,18 +258,7 @@ class MlflowTracker:
         self._thread = threading.Thread(target=self._deliver_forever, name="mlflow-tracking", daemon=True)
         self._thread.start()
         if system_metrics:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            # MLflow's sampler: a daemon thread that logs on its own (a failure stops it, never the
-            # training); its names carry the node, as every node of a job may sample into one run.
-            self._system_metrics = SystemMetricsMonitor(
-                self.run_id,
-                sampling_interval=self.config.system_metrics_every_s,
-                node_id=node_name(),
-                tracking_uri=self.uri,
-                resume_logging=run_id is not None,
-            )
-            self._system_metrics.start()
+            self._system_metrics = start_system_metrics(self.config, self.run_id, self.uri)
         log.info("tracking run %s in %s (experiment %r)", self.run_id, self.shown_uri, self.config.experiment)
         self.update_parent()
         return self.run_id
@@ -600,6 +589,24 @@ def compare_sweep(client, experiment_id: str, name: str) -> dict:
         "differing_params": [k.removeprefix("config.") for k in differing],
         "children": rows,
     }
+
+
+def start_system_metrics(config, run_id: str, uri: str):
+    """MLflow's system-metrics sampler of this node, started: a daemon thread that logs on its own
+    into run_id (a failure stops it, never the training). Its names carry the node
+    (system/NODE/...), as every node of a job may sample into one run. Rank 0 runs one; local
+    rank 0 of each other node another (train.start_node_sampler)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    sampler = SystemMetricsMonitor(
+        run_id,
+        sampling_interval=config.system_metrics_every_s,
+        node_id=node_name(),
+        tracking_uri=uri,
+        resume_logging=True,  # after a resume, on from the run's last system step (0 for a new run)
+    )
+    sampler.start()
+    return sampler
 
 
 def node_name() -> str:

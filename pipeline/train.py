@@ -38,7 +38,7 @@ from pipeline.images import from_uint8, save_grid
 from pipeline.metrics import Divergence, StepMeans, agree
 from pipeline.models import build_pair
 from pipeline.random_state import derive_rng_state, rng_state, set_rng_state
-from pipeline.tracking import NullTracker, flatten, make_tracker, safe_overrides
+from pipeline.tracking import NullTracker, flatten, make_tracker, safe_overrides, start_system_metrics
 from pipeline.versions import versions
 
 log = logging.getLogger("pipeline.train")
@@ -304,11 +304,11 @@ class Trainer:
         tags = {"run_dir": str(self.run_dir.resolve()), "launcher": self.info.launcher, **tracking.tags}
         if overrides:
             tags["overrides"] = safe_overrides(overrides)  # safe_params then drops credentials in URLs
-        system_metrics = (
-            self.device.type == "cuda" if tracking.system_metrics == "auto" else bool(tracking.system_metrics)
-        )
         self.tracker.start(
-            tracking.run_name or self.run_dir.name, run_id=run_id, tags=tags, system_metrics=system_metrics
+            tracking.run_name or self.run_dir.name,
+            run_id=run_id,
+            tags=tags,
+            system_metrics=system_metrics_on(tracking, self.device),
         )
         if self.fid is not None:
             self.tracker.set_tags(
@@ -611,6 +611,29 @@ def build_trainer(config: Config, info: DistInfo, run_dir: Path, checkpoint: Pat
     return trainer, (trainer.resume(checkpoint) if checkpoint is not None else {})
 
 
+def system_metrics_on(tracking, device: torch.device) -> bool:
+    """tracking.system_metrics: auto is on for GPU runs."""
+    return device.type == "cuda" if tracking.system_metrics == "auto" else bool(tracking.system_metrics)
+
+
+def start_node_sampler(tracking, info: DistInfo, tracker):
+    """Every rank (a collective): rank 0 tells the others its run and store. Local rank 0 of each
+    node but rank 0's starts MLflow's system-metrics sampler for its node into that run, and
+    returns it (None elsewhere). Only with an http(s) store: an sqlite file is no place for
+    writers on several nodes, so then rank 0's node alone is sampled, as rank 0 logs."""
+    shared = [tracker.run_id, tracker.uri, system_metrics_on(tracking, info.device)]
+    dist.broadcast_object_list(shared, src=0)
+    run_id, uri, enabled = shared
+    if not (enabled and run_id and info.nodes > 1):
+        return None
+    remote = uri.split(":", 1)[0] in ("http", "https")
+    if info.is_main and not remote:
+        log.warning("system metrics: only node 0 is sampled; the other nodes need an http store (mlflow server)")
+    if not remote or info.is_main or info.local_rank != 0:
+        return None
+    return start_system_metrics(tracking, run_id, uri)
+
+
 def run_training(config: Config, config_name: str, resume: str = "none", overrides: list[str] | None = None) -> int:
     """Entry of `pipeline train` on every rank. Rank 0 settles the run folder and checks the
     tracking store before any training work; a problem there stops every rank."""
@@ -636,6 +659,7 @@ def run_training(config: Config, config_name: str, resume: str = "none", overrid
     with run_log(run_dir, info.is_main):
         trainer, meta = build_trainer(config, info, run_dir, checkpoint, tracker)
         trainer.start_tracking(meta.get("tracking_run_id"), overrides)
+        sampler = start_node_sampler(config.tracking, info, tracker)
         try:  # the tracker's end state; the CLI's teardown destroys the process group on every path
             metrics = trainer.train()
         except Preempted:
@@ -644,6 +668,9 @@ def run_training(config: Config, config_name: str, resume: str = "none", overrid
         except BaseException as exc:
             tracker.finish("FAILED", error=f"{type(exc).__name__}: {exc}")
             raise
+        finally:
+            if sampler is not None:
+                sampler.finish()
         tracker.finish("FINISHED")
     if info.is_main:
         if tracker.where():

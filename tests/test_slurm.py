@@ -149,6 +149,41 @@ def test_sbatch_two_nodes_maps_ranks_trains_checkpoints_and_tracks(straight):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_D")] == list(range(1, STEPS + 1))
 
 
+def test_each_node_samples_system_metrics_into_the_one_run_on_a_server(cluster, mnist_shards, tmp_path, mlflow_server):
+    """2 nodes x 1 task against a real `mlflow server`: rank 0 samples node n1, local rank 0 of
+    the second node samples n2, both into rank 0's run."""
+    job = sbatch(
+        cluster,
+        tmp_path,
+        "--nodes",
+        2,
+        "--ntasks-per-node",
+        1,
+        REPO / "slurm/train.sbatch",
+        "configs/mnist32.yaml",
+        *train_overrides(
+            mnist_shards,
+            tmp_path,
+            "train.device=cpu",
+            "train.steps=150",  # several sampling intervals: MLflow's sampler drops a last partial one
+            "train.checkpoint_every=1000",
+            f"tracking.uri={mlflow_server.url}",
+            "tracking.system_metrics=true",
+            "tracking.system_metrics_every_s=1",
+        ),
+    )
+    state = wait_job(cluster, job, 300)
+    log = (tmp_path / f"dcgan-{job}.log").read_text()
+    assert state["JobState"] == "COMPLETED", log[-4000:]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.url)
+    (run,) = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id])
+    for node in ("n1", "n2"):
+        for name in ("cpu_utilization_percentage", "system_memory_usage_megabytes"):
+            assert f"system/{node}/{name}" in run.data.metrics, sorted(run.data.metrics)
+
+
 def test_preempted_job_checkpoints_requeues_resumes_and_matches_the_straight_run(
     cluster, straight, mnist_shards, tmp_path
 ):
