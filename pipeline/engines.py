@@ -247,9 +247,8 @@ class Engine:
         weights_only=False, which can run code from a crafted file, so every file it will
         open for this rank is first loaded with weights_only=True: anything but tensors and
         plain values is refused before DeepSpeed touches it."""
-        with torch.serialization.safe_globals(DEEPSPEED_FILE_CLASSES):
-            for file in state_files(folder, torch.distributed.get_rank()):
-                load_tensors(file, f"{self.name.upper()} engine file")
+        for file in state_files(folder, torch.distributed.get_rank()):
+            self._checked_load(file)
         loaded, _ = self.engine.load_checkpoint(str(folder), tag=ENGINE_TAG)
         if loaded is None:
             raise UserError(f"checkpoint {folder.parent}: the {self.name.upper()} engine state did not load")
@@ -267,17 +266,18 @@ class Engine:
         from that, the engine built with load_universal. Two things that path leaves out are put
         back here: buffers (BatchNorm statistics: it restores parameters only) and, with fp16,
         the loss scaler (it skips the optimizer's global state)."""
-        if not any(Path(folder, ENGINE_TAG).glob("*zero_pp_rank_*.pt")):
+        if not partitions_optimizer(self.ds_config):  # the engine was built without load_universal
             self.load(folder)
             return
-        what = f"{self.name.upper()} engine file"
         universal = Path(folder) / "universal"
+        # Read once by every rank: its buffers are put back from it below.
+        model_states = self._checked_load(Path(folder, ENGINE_TAG, "mp_rank_00_model_states.pt"))
         failure = None
         if torch.distributed.get_rank() == 0:
             try:
-                with torch.serialization.safe_globals(DEEPSPEED_FILE_CLASSES):
-                    for file in state_files(folder):  # the converter unpickles every rank's file
-                        load_tensors(file, what)
+                for file in state_files(folder):  # the converter unpickles every rank's file
+                    if not file.name.endswith("model_states.pt"):
+                        self._checked_load(file)
                 if not universal.is_dir():
                     _convert_to_universal(Path(folder), universal)
             except Exception as exc:  # every rank must hear of it, not wait for the barrier's timeout
@@ -288,21 +288,24 @@ class Engine:
             raise failure
         if outcome[0] is not None:
             raise UserError(f"rank 0 could not convert {folder} for the new world size: {outcome[0]}")
-        with torch.serialization.safe_globals(DEEPSPEED_FILE_CLASSES):
-            for file in sorted(universal.rglob("*.pt")):  # DeepSpeed unpickles them unchecked
-                load_tensors(file, what)
+        for file in sorted(universal.rglob("*.pt")):  # DeepSpeed unpickles them unchecked
+            self._checked_load(file)
         loaded, _ = self.engine.load_checkpoint(str(universal), tag=ENGINE_TAG)
         if loaded is None:
             raise UserError(f"checkpoint {folder.parent}: the {self.name.upper()} engine state did not load")
+        with torch.no_grad():
+            for name, buffer in self.module.named_buffers():
+                buffer.copy_(model_states["module"][name])
+        if self.engine.fp16_enabled():
+            first = next(Path(folder, ENGINE_TAG).glob("*zero_pp_rank_0_*.pt"))
+            # The loss scaler and overflow state, as DeepSpeed's own non-universal load restores them.
+            self.engine.optimizer._load_global_state(self._checked_load(first)["optimizer_state_dict"])
+
+    def _checked_load(self, file: Path):
+        """A file DeepSpeed writes, loaded with weights_only=True and DeepSpeed's own plain classes
+        allowed (DEEPSPEED_FILE_CLASSES): anything else in it is refused with a UserError."""
         with torch.serialization.safe_globals(DEEPSPEED_FILE_CLASSES):
-            module = load_tensors(Path(folder, ENGINE_TAG, "mp_rank_00_model_states.pt"), what)["module"]
-            with torch.no_grad():
-                for name, buffer in self.module.named_buffers():
-                    buffer.copy_(module[name])
-            if self.engine.fp16_enabled():
-                first = next(Path(folder, ENGINE_TAG).glob("*zero_pp_rank_0_*.pt"))
-                # The loss scaler and overflow state, as DeepSpeed's own non-universal load restores them.
-                self.engine.optimizer._load_global_state(load_tensors(first, what)["optimizer_state_dict"])
+            return load_tensors(file, f"{self.name.upper()} engine file")
 
     def save_weights(self, path: Path) -> None:
         """Rank 0: this network's state dict, floating tensors in fp32 (fp16/bf16 ones are cast
