@@ -259,10 +259,11 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
     # -------------------------------------------------------------------- load
-    def load(self, path: Path, parts: CheckpointParts) -> dict:
-        """All ranks. Checks that the checkpoint fits this job, then loads every part; returns meta."""
+    def load(self, path: Path, parts: CheckpointParts, meta: dict | None = None) -> dict:
+        """All ranks. Checks that the checkpoint fits this job, then loads every part; returns meta
+        (read_meta's, read here unless the caller has it)."""
         path = Path(path)
-        meta = read_meta(path)
+        meta = meta if meta is not None else read_meta(path)
         problems = incompatibilities(meta, self.config, self.world_size)
         if problems:
             raise UserError(f"checkpoint {path} does not fit this job:\n  " + "\n  ".join(problems))

@@ -268,15 +268,17 @@ class Trainer:
         return signalled
 
     # ------------------------------------------------------------------ loop
-    def resume(self, path: Path) -> dict:
-        """All ranks: continue from a checkpoint; rank 0 drops metrics logged after it."""
-        saved_world = read_meta(path)["world_size"]
+    def resume(self, path: Path, meta: dict | None = None) -> dict:
+        """All ranks: continue from a checkpoint (meta: its read_meta, when the caller has it);
+        rank 0 drops metrics logged after it."""
+        meta = meta if meta is not None else read_meta(path)
+        saved_world = meta["world_size"]
         if saved_world != self.info.world_size and self.resize is None:
             raise UserError(
                 f"checkpoint {path} was saved on {saved_world} ranks, this job has {self.info.world_size}: "
                 "build the trainer with build_trainer (as `pipeline train --resume` does), which splits the batch anew"
             )
-        meta = self.checkpointer.load(path, self.checkpoint_parts)
+        self.checkpointer.load(path, self.checkpoint_parts, meta)
         if self.info.is_main:
             log.info("resumed from %s at step %d (epoch %d)", path, self.global_step, meta["epoch"])
             if self.resize is not None:
@@ -604,11 +606,12 @@ def run_log(run_dir: Path, is_main: bool):
 def build_trainer(config: Config, info: DistInfo, run_dir: Path, checkpoint: Path | None, tracker=None):
     """All ranks: (the trainer, the checkpoint's meta or {}), resumed from `checkpoint` when one
     is given, on this world size whatever the checkpoint's (pipeline/elastic.py)."""
-    resize = plan_resize(read_meta(checkpoint), config, info.world_size) if checkpoint is not None else None
+    meta = read_meta(checkpoint) if checkpoint is not None else {}
+    resize = plan_resize(meta, config, info.world_size) if checkpoint is not None else None
     if resize is not None:
         config = resized_config(config, resize)
     trainer = Trainer(config, info, run_dir, tracker, resize)
-    return trainer, (trainer.resume(checkpoint) if checkpoint is not None else {})
+    return trainer, (trainer.resume(checkpoint, meta) if checkpoint is not None else {})
 
 
 def system_metrics_on(tracking, device: torch.device) -> bool:
