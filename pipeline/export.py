@@ -84,7 +84,7 @@ def generator_from_payload(payload: dict, device: str | torch.device = "cpu") ->
 
 
 @torch.no_grad()
-def inference_generator(payload: dict, batches: int = 16, batch_size: int = 256, seed: int = 0) -> nn.Module:
+def inference_generator(payload: dict, batches: int = 8, batch_size: int = 128, seed: int = 0) -> nn.Module:
     """A generator that samples well one latent at a time, in eval mode: what a user of the
     MLflow model calls. `generate` samples with batch statistics, which needs a batch; here
     each BatchNorm's running statistics are recomputed for these (EMA) weights as the exact

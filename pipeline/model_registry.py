@@ -44,7 +44,7 @@ def signature(model: dict):
     )
 
 
-def log_generator(tracking_uri: str, run_id: str, payload: dict, tags: dict[str, str]):
+def log_generator(tracking_uri: str, experiment_id: str, run_id: str, payload: dict, tags: dict[str, str]):
     """Log the generator of a generator export payload (pipeline/export.py) as an MLflow model
     of the run, at the payload's step. Returns MLflow's ModelInfo."""
     import mlflow
@@ -52,9 +52,11 @@ def log_generator(tracking_uri: str, run_id: str, payload: dict, tags: dict[str,
     model = payload["model"]
     example = torch.Generator().manual_seed(0)
     input_example = torch.randn(4, model["latent_dim"], generator=example).numpy()
-    # mlflow.pytorch.log_model resolves its store through the process's tracking URI; rank 0
-    # talks to this one store only.
+    # mlflow.pytorch.log_model resolves its store through the process's tracking URI, and puts the
+    # logged model in the active experiment, not its run's (the Default one when none is set):
+    # rank 0 talks to this one store and experiment only.
     mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment_id=experiment_id)
     return mlflow.pytorch.log_model(
         inference_generator(payload),
         name=MODEL_NAME,

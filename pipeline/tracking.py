@@ -365,6 +365,17 @@ class MlflowTracker:
             job = {"payload": payload, "tags": safe_params(tags | {"run_id": self.run_id}), "info": None}
             self._put(("model", job))
 
+    def wait_delivered(self, timeout_s: float) -> bool:
+        """Wait at most timeout_s until everything queued so far has been delivered (for benchmarks
+        and tests that must not time one step with the previous one's deliveries)."""
+        deadline = time.monotonic() + timeout_s
+        while self._queue:  # an item leaves the queue once delivered
+            if time.monotonic() > deadline:
+                return False
+            self._wake.set()
+            time.sleep(0.05)
+        return True
+
     def finish(self, status: str, error: str | None = None) -> None:
         """Queue the end state, then wait at most flush_timeout_s for delivery."""
         if self.run_id is None:
@@ -485,7 +496,9 @@ class MlflowTracker:
 
         try:
             if job["info"] is None:
-                job["info"] = model_registry.log_generator(self.uri, self.run_id, job["payload"], job["tags"])
+                job["info"] = model_registry.log_generator(
+                    self.uri, self.experiment_id, self.run_id, job["payload"], job["tags"]
+                )
                 job["payload"] = None
                 self.client.set_tag(self.run_id, "model.uri", job["info"].model_uri)
                 self.model_uri = job["info"].model_uri

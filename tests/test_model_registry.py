@@ -99,7 +99,7 @@ def test_best_follows_the_lowest_fid_over_runs_and_latest_is_the_newest(store, t
 
     def new_version(run_id: str, step: int, fid: str | None) -> str:
         tags = {"step": str(step), "run_id": run_id, "dataset_digest": "d" * 64} | ({"fid": fid} if fid else {})
-        info = model_registry.log_generator(store, run_id, payload(seed=step, step=step), tags)
+        info = model_registry.log_generator(store, experiment, run_id, payload(seed=step, step=step), tags)
         return str(model_registry.register(client, name, info, run_id, tags).version)
 
     def best() -> str:
@@ -113,7 +113,8 @@ def test_best_follows_the_lowest_fid_over_runs_and_latest_is_the_newest(store, t
     assert new_version(runs[1], 20, "30.5") == "5" and best() == "3"  # a tie keeps the older
     version = client.get_model_version(name, "3")
     assert version.run_id == runs[1] and version.tags["fid"] == "30.5" and version.tags["step"] == "10"
-    assert client.get_logged_model(version.source.removeprefix("models:/")).source_run_id == runs[1]
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == runs[1] and logged.experiment_id == experiment  # the run's, not Default
 
     latest = load_in_fresh_python(store, f"models:/{name}/latest", tmp_path)  # MLflow's own: version 5
     assert latest["shape"] == [5, 1, 32, 32] and latest["predicted"] == [3, 1, 32, 32]
@@ -137,6 +138,9 @@ def test_a_run_logs_and_registers_its_generator_on_a_real_server(mnist_shards, t
     assert version.run_id == run_id
     assert version.tags == {"step": "3", "run_id": run_id, "dataset_digest": manifest_sha256}
     assert client.get_run(run_id).data.tags["model.registered"] == "models:/g/1"
+    experiment = client.get_run(run_id).info.experiment_id
+    (logged,) = client.search_logged_models([experiment])  # in the run's experiment: its Models tab
+    assert logged.source_run_id == run_id and version.source == f"models:/{logged.model_id}"
     assert "generator: mlflow.pytorch.load_model('models:/g/1')" in result.stderr
     loaded = load_in_fresh_python(mlflow_server.url, "models:/g/1", tmp_path)
     assert loaded["shape"] == [5, 1, 32, 32] and loaded["ours"] == []
