@@ -68,6 +68,12 @@ class LossConfig(Section):
     kind: Literal["nonsaturating", "hinge", "wgan-gp"] = Field("nonsaturating", description="the GAN objective")
     gp_weight: float = Field(10.0, ge=0, description="wgan-gp: gradient penalty weight (lambda)")
     n_critic: int = Field(1, ge=1, description="D steps per G step")
+    r1_gamma: float = Field(
+        0.0, ge=0, description="R1 penalty gamma/2 E||grad_x D(x)||^2 on real images (Mescheder et al. 2018); 0 = off"
+    )
+    r1_every: int = Field(
+        4, ge=1, description="apply R1 every N steps, scaled by N (lazy regularization, Karras et al. 2020)"
+    )
 
 
 class OptimizerConfig(Section):

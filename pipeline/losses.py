@@ -7,6 +7,9 @@ hinge (Miyato et al. 2018):
     L_D = E[relu(1 - d_real)] + E[relu(1 + d_fake)],  L_G = -E[d_fake]
 wgan-gp (Gulrajani et al. 2017):
     L_D = E[d_fake] - E[d_real] + lambda * E[(||grad_x D(x_hat)|| - 1)^2],  L_G = -E[d_fake]
+R1 (Mescheder et al. 2018, "Which Training Methods for GANs do actually Converge?"), an option
+for any objective: L_D + gamma/2 * E_x[||grad_x D(x)||^2] on real images, which keeps D from
+saturating (D(x) -> 1, D(G(z)) -> 0) and the game from oscillating around its equilibrium.
 """
 
 from __future__ import annotations
@@ -50,6 +53,14 @@ def gradient_penalty(
     x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
     (grad,) = torch.autograd.grad(discriminator(x_hat).sum(), x_hat, create_graph=True)
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def r1_penalty(discriminator: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor) -> torch.Tensor:
+    """E[||grad_x D(x)||_2^2] over real images x. `discriminator` must be D's raw module, as for
+    gradient_penalty (DeepSpeed #7665)."""
+    real = real.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(discriminator(real).float().sum(), real, create_graph=True)
+    return grad.float().flatten(1).pow(2).sum(1).mean()
 
 
 def d_confidence(kind: str, logits: torch.Tensor) -> torch.Tensor:

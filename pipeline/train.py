@@ -191,10 +191,14 @@ class Trainer:
         d_real = self.d_engine(real).float()
         d_fake = self.d_engine(fake).float()
         loss = losses.d_loss(kind, d_real, d_fake)
+        penalty = 0.0  # added to what D minimises; loss_D stays the game's value
         if kind == "wgan-gp":
             gp = losses.gradient_penalty(self.d_engine.module, real, fake, self.rng)
             loss = loss + self.config.loss.gp_weight * gp.float()
-        self.d_engine.backward(loss)
+        r1, every = self.config.loss.r1_gamma, self.config.loss.r1_every
+        if r1 and self.global_step % every == 0:
+            penalty = r1 / 2 * every * losses.r1_penalty(self.d_engine.module, real)
+        self.d_engine.backward(loss + penalty)
         norm = self.d_engine.step()
         return {
             "loss_D": loss.detach(),

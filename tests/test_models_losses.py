@@ -136,6 +136,22 @@ def test_gradient_penalty_of_a_linear_critic():
     assert penalty.item() == pytest.approx(16.0)
 
 
+def test_r1_penalty_of_a_linear_discriminator():
+    w = torch.tensor([3.0, 4.0])  # grad_x D = w at every x: ||grad||^2 = 25
+
+    def discriminator(x):
+        return x.flatten(1) @ w
+
+    assert losses.r1_penalty(discriminator, torch.randn(4, 1, 1, 2)).item() == pytest.approx(25.0)
+
+    def quadratic(x):  # D(x) = sum x^2: grad 2x, ||grad||^2 = 4 ||x||^2
+        return x.flatten(1).pow(2).sum(1)
+
+    real = torch.randn(3, 1, 2, 2)
+    expected = (4 * real.flatten(1).pow(2).sum(1)).mean()
+    assert losses.r1_penalty(quadratic, real).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_ema_update_by_hand_with_warmup():
     model = nn.Linear(1, 1, bias=False)
     model.weight.data.fill_(0.0)

@@ -143,6 +143,7 @@ def test_same_seed_same_losses(dist_single, mnist_shards, tmp_path):
         ["model.d_norm=spectral", "deepspeed.zero_stage=1"],
         ["deepspeed.zero_stage=2", "train.ema=false"],
         ["model.arch=mlp", "model.g_width=32", "model.d_width=32"],
+        ["loss.r1_gamma=1.0", "loss.r1_every=1"],
     ],
 )
 def test_objectives_and_engine_options_train(dist_single, mnist_shards, tmp_path, extra):
@@ -161,6 +162,24 @@ def test_objectives_and_engine_options_train(dist_single, mnist_shards, tmp_path
     assert (
         trainer.d_engine.engine.global_steps == 2 * config.loss.n_critic and trainer.g_engine.engine.global_steps == 2
     )
+
+
+def test_r1_penalty_changes_d_updates_on_its_steps_only(dist_single, mnist_shards, tmp_path):
+    """Lazy R1: applied on steps that are multiples of loss.r1_every, changing D's update; on the
+    other steps D's update is exactly the plain game's."""
+
+    def d_after_one_step(name: str, start: int, *extra) -> list:
+        trainer = make_trainer(dist_single, mnist_shards, tmp_path / name, *extra)
+        trainer.global_step = start
+        trainer.train_step(trainer.loader.forever())
+        return params(trainer.d_engine.module)
+
+    r1 = ("loss.r1_gamma=10", "loss.r1_every=2")
+    for start, regularised in ((0, True), (1, False)):
+        plain = d_after_one_step(f"plain{start}", start)
+        penalised = d_after_one_step(f"r1{start}", start, *r1)
+        same = all(torch.equal(a, b) for a, b in zip(plain, penalised, strict=True))
+        assert same != regularised, start
 
 
 def test_linear_lr_decay_goes_from_the_configured_lr_towards_zero(dist_single, mnist_shards, tmp_path):
