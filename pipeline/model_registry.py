@@ -17,8 +17,10 @@ What a user gets (MLflow 3.17):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 
 import numpy as np
 import torch
@@ -52,25 +54,40 @@ def log_generator(tracking_uri: str, experiment_id: str, run_id: str, payload: d
     model = payload["model"]
     example = torch.Generator().manual_seed(0)
     input_example = torch.randn(4, model["latent_dim"], generator=example).numpy()
-    # mlflow.pytorch.log_model resolves its store through the process's tracking URI, and puts the
-    # logged model in the active experiment, not its run's (the Default one when none is set):
-    # rank 0 talks to this one store and experiment only.
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return mlflow.pytorch.log_model(
-        inference_generator(payload),
-        name=MODEL_NAME,
-        signature=signature(model),
-        input_example=input_example,
-        # Pinned to the training's torch (without a local build suffix such as +cu128): what
-        # loads a torch.export program of this version. MLflow adds itself.
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        serialization_format="pt2",
-        run_id=run_id,
-        step=payload["step"],
-        tags=tags,
-        metadata={"format": payload["format"], "ema": payload["ema"], **model},
-    )
+    with _fluent_store(tracking_uri, experiment_id):
+        return mlflow.pytorch.log_model(
+            inference_generator(payload),
+            name=MODEL_NAME,
+            signature=signature(model),
+            input_example=input_example,
+            # Pinned to the training's torch (without a local build suffix such as +cu128): what
+            # loads a torch.export program of this version. MLflow adds itself.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            serialization_format="pt2",
+            run_id=run_id,
+            step=payload["step"],
+            tags=tags,
+            metadata={"format": payload["format"], "ema": payload["ema"], **model},
+        )
+
+
+@contextlib.contextmanager
+def _fluent_store(tracking_uri: str, experiment_id: str):
+    """mlflow.pytorch.log_model resolves its store from the process's tracking URI, and puts the
+    logged model in the active experiment, not its run's (the Default one when none is set).
+    Both are read from the environment here for the call, then put back: mlflow.set_tracking_uri
+    and set_experiment would leave them set for the whole process and the children it starts."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(zip(names, (tracking_uri, experiment_id), strict=True))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def register(client, name: str, model_info, run_id: str, tags: dict[str, str]):

@@ -2,6 +2,7 @@
 `mlflow server`; loaded back in fresh interpreters as a user would."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -92,6 +93,7 @@ def store(request, tmp_path):
 
 
 def test_best_follows_the_lowest_fid_over_runs_and_latest_is_the_newest(store, tmp_path):
+    environment = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     client = MlflowClient(store)
     experiment = client.create_experiment("registry", artifact_location=(tmp_path / "artifacts").as_uri())
     runs = [client.create_run(experiment).info.run_id for _ in range(2)]
@@ -116,6 +118,8 @@ def test_best_follows_the_lowest_fid_over_runs_and_latest_is_the_newest(store, t
     logged = client.get_logged_model(version.source.removeprefix("models:/"))
     assert logged.source_run_id == runs[1] and logged.experiment_id == experiment  # the run's, not Default
 
+    # Logging left no store or experiment behind in this process's environment (its children inherit it).
+    assert {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")} == environment
     latest = load_in_fresh_python(store, f"models:/{name}/latest", tmp_path)  # MLflow's own: version 5
     assert latest["shape"] == [5, 1, 32, 32] and latest["predicted"] == [3, 1, 32, 32]
     assert -1 <= latest["low"] < latest["high"] <= 1
