@@ -72,14 +72,16 @@ def log_generator(tracking_uri: str, experiment_id: str, run_id: str, payload: d
 
 
 @contextlib.contextmanager
-def _fluent_store(tracking_uri: str, experiment_id: str):
+def _fluent_store(tracking_uri: str, experiment_id: str | None = None):
     """mlflow.pytorch.log_model resolves its store from the process's tracking URI, and puts the
     logged model in the active experiment, not its run's (the Default one when none is set).
     Both are read from the environment here for the call, then put back: mlflow.set_tracking_uri
     and set_experiment would leave them set for the whole process and the children it starts."""
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update(zip(names, (tracking_uri, experiment_id), strict=True))
+    wanted = {"MLFLOW_TRACKING_URI": tracking_uri}
+    if experiment_id is not None:
+        wanted["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
     try:
         yield
     finally:
@@ -100,9 +102,11 @@ def register(client, name: str, model_info, run_id: str, tags: dict[str, str]):
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another run of a sweep made it first
             raise
-    version = client.create_model_version(
-        name, source=model_info.model_uri, run_id=run_id, tags=tags, model_id=model_info.model_id
-    )
+    # The registry looks the logged model up through the process's tracking URI.
+    with _fluent_store(client.tracking_uri):
+        version = client.create_model_version(
+            name, source=model_info.model_uri, run_id=run_id, tags=tags, model_id=model_info.model_id
+        )
     best = best_version(client, name)
     if best is not None:
         client.set_registered_model_alias(name, BEST_ALIAS, best.version)
