@@ -624,14 +624,18 @@ def system_metrics_on(tracking, device: torch.device) -> bool:
 
 
 def start_node_sampler(tracking, info: DistInfo, tracker):
-    """Every rank (a collective): rank 0 tells the others its run and store. Local rank 0 of each
-    node but rank 0's starts MLflow's system-metrics sampler for its node into that run, and
-    returns it (None elsewhere). Only with an http(s) store: an sqlite file is no place for
-    writers on several nodes, so then rank 0's node alone is sampled, as rank 0 logs."""
-    shared = [tracker.run_id, tracker.uri, system_metrics_on(tracking, info.device)]
+    """Every rank. On a multi-node job with system metrics on (the config, device and node count
+    are every rank's alike, so all ranks skip together otherwise), rank 0 tells the others its run
+    and store (a collective). Local rank 0 of each node but rank 0's starts MLflow's
+    system-metrics sampler for its node into that run, and returns it (None elsewhere). Only with
+    an http(s) store: an sqlite file is no place for writers on several nodes, so then rank 0's
+    node alone is sampled, as rank 0 logs."""
+    if not (system_metrics_on(tracking, info.device) and info.nodes > 1):
+        return None  # no start-up collective for the common case
+    shared = [tracker.run_id, tracker.uri]
     dist.broadcast_object_list(shared, src=0)
-    run_id, uri, enabled = shared
-    if not (enabled and run_id and info.nodes > 1):
+    run_id, uri = shared
+    if not run_id:  # tracking off on rank 0
         return None
     remote = uri.split(":", 1)[0] in ("http", "https")
     if info.is_main and not remote:
