@@ -10,6 +10,8 @@ import http.server
 import io
 import logging
 import math
+import subprocess
+import sys
 import tarfile
 import threading
 from collections import Counter
@@ -74,6 +76,24 @@ def test_forever_streams_epochs_from_one_set_of_workers_in_the_same_order(small_
     keys = [b.keys for _, b in zip(range(len(reference)), streamed.forever(), strict=False)]
     assert keys == reference
     assert streamed.state_dict()["epoch"] == 3 and streamed.state_dict()["batches_consumed"] == 0
+
+
+def test_a_script_left_iterating_forever_exits(small_shards, tmp_path):
+    """A script that stops reading `forever()` at module level, its workers still running, must
+    exit: multiprocessing's exit handler alone would SIGTERM the workers, which ignore it (they
+    leave signals to their rank), and wait for them without a bound."""
+    shards, _, _ = small_shards
+    script = tmp_path / "script.py"
+    script.write_text(
+        "from pipeline.config import DataConfig\n"
+        "from pipeline.data.loader import ShardedLoader\n"
+        f"config = DataConfig(shards={str(shards)!r}, batch_per_rank=4, workers=2)\n"
+        "batches = ShardedLoader(config, seed=0).forever()\n"
+        "print(len(next(batches).keys), flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["4"]
 
 
 def test_a_state_saved_at_an_epochs_very_end_resumes_at_the_next_epoch(small_shards):

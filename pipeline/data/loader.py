@@ -32,11 +32,13 @@ missing from a truncated shard, are replaced by another sample of the same batch
 
 from __future__ import annotations
 
+import atexit
 import gc
 import itertools
 import logging
 import math
 import signal
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -51,6 +53,20 @@ from pipeline.data.shards import iter_samples, resolve_shards, verify_shards
 from pipeline.errors import UserError
 
 log = logging.getLogger("pipeline.data")
+
+# The DataLoader iterators whose workers are running (any process, main thread).
+_running: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_workers() -> None:
+    """At interpreter exit, stop the workers of every loader still being iterated (say, a
+    script's module-level `loader.forever()`). Otherwise multiprocessing's own exit handler
+    (registered earlier, so run later) sends the daemonic workers SIGTERM, which ours ignore
+    (_worker_init), and joins them without a bound: the script never exits. DataLoader's
+    `_shutdown_workers` is what its own `__del__` runs."""
+    for batches in list(_running):
+        batches._shutdown_workers()
 
 
 class Batch(NamedTuple):
@@ -375,6 +391,8 @@ class ShardedLoader:
             worker_init_fn=_worker_init,
         )
         batches = iter(loader)
+        if workers:
+            _running.add(batches)
         try:
             for batch in batches:
                 if batch.labels is not None:
