@@ -14,6 +14,7 @@ import mmap
 import os
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
@@ -105,6 +106,18 @@ def _octal(field: bytes) -> int:
     return int(field or b"0", 8)
 
 
+def _checksum_ok(header: bytes) -> bool:
+    """The ustar checksum: the sum of the header's bytes, its own field counted as 8 spaces.
+    The sum is taken as Adler-32's first half, (1 + sum) mod 65521, computed in C: a Python
+    `sum(header)` was 3.3 us of the 8 us that reading a header took (raw 64x64 samples: two
+    headers each). It lets a damaged header through only when the damage changes the sum by a
+    multiple of 65521 (the exact check: only when it leaves the sum unchanged); a test compares
+    the two on randomly damaged headers."""
+    stored = _octal(header[148:156])
+    total = (zlib.adler32(header) & 0xFFFF) - 1  # the byte sum mod 65521
+    return (total - sum(header[148:156]) + 8 * 32 - stored) % 65521 == 0
+
+
 def _pax_path(data: bytes) -> str | None:
     for record in data.decode("utf-8", "replace").split("\n"):
         _, _, keyvalue = record.partition(" ")
@@ -128,8 +141,7 @@ def iter_members(stream, seekable: bool, wanted: Callable[[str], bool]) -> Itera
             if 0 < len(header) < 512:
                 raise DamagedTar("truncated header")
             return
-        stored = _octal(header[148:156])
-        if stored != sum(header) - sum(header[148:156]) + 256:  # the checksum field counts as 8 spaces
+        if not _checksum_ok(header):
             raise DamagedTar("header checksum mismatch")
         size, kind = _octal(header[124:136]), header[156:157]
         name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
