@@ -41,11 +41,11 @@ from pipeline.tracking import MlflowTracker, NullTracker, start_system_metrics
 from pipeline.train import Trainer
 
 
-def thread_cpu_s(tids: set[int] | None = None, exclude: frozenset[int] = frozenset()) -> tuple[float, set[int]]:
-    """CPU seconds (user + system) of this process's threads `tids` (default: all of them but
-    `exclude`) and the set of threads read. Linux: /proc/self/task/TID/stat fields 14 and 15."""
+def thread_cpu_s(exclude: frozenset[int] = frozenset()) -> tuple[float, set[int]]:
+    """CPU seconds (user + system) of this process's threads but `exclude`, and the set of threads
+    read. Linux: /proc/self/task/TID/stat fields 14 and 15."""
     total, read = 0.0, set()
-    for tid in tids if tids is not None else {int(t) for t in os.listdir("/proc/self/task")} - exclude:
+    for tid in {int(t) for t in os.listdir("/proc/self/task")} - exclude:
         try:
             fields = Path(f"/proc/self/task/{tid}/stat").read_text().rpartition(")")[2].split()
         except FileNotFoundError:  # the thread ended
@@ -89,8 +89,6 @@ def main():
         trainer.start_tracking()
 
         def timed(which):
-            if which is null:
-                tracker.wait_delivered(120)  # the "on" round's deliveries do not land in this one
             trainer.tracker = which
             trainer.config.train.steps = trainer.global_step + args.steps
             started = time.perf_counter()
@@ -111,11 +109,12 @@ def main():
             if args.system_metrics:
                 sampler = start_system_metrics(config.tracking, tracker.run_id, tracker.uri)
             if args.log_model:
-                tracker.wait_delivered(120)
                 trainer.tracker = tracker
                 queue_model()  # the round's timing starts while it is being logged
             seconds = timed(tracker)
-            tracker.wait_delivered(120)  # the round's records delivered: their cost counted here
+            # The round's records delivered: their cost is counted here, and none lands in the
+            # next ("off") round.
+            tracker.wait_delivered(120)
             cpu_after, _ = thread_cpu_s(exclude=training_threads)
             if sampler is not None:
                 sampler.finish()
@@ -123,7 +122,9 @@ def main():
             return seconds
 
         cpu: list[float] = []  # tracking's CPU seconds per step, each "on" round
-        timed(null)  # warm-up; then every thread but the delivery thread is training's
+        timed(
+            null
+        )  # warm-up (start-up records delivered meanwhile); then every thread but the delivery thread is training's
         training_threads = frozenset(thread_cpu_s()[1] - {tracker._thread.native_id})
         timed_on()  # warm-up
         cpu.clear()
