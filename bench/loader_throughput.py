@@ -8,6 +8,10 @@ scaling to [-1, 1] happens on the device in the trainer, so it is left out of ev
 Each side keeps its worker across epochs (ours: `forever()`, as the trainer reads it; the
 baseline: persistent_workers) and runs one warm-up epoch, then --epochs timed epochs.
 
+Next to images/s, each side reports its worker's CPU time per image (read from /proc): on a
+shared machine other jobs move the wall-clock rates by tens of percent, and the CPU time far
+less, so A/B comparisons of the loader's own cost use that figure.
+
 MNIST's mostly black digits make unusually small PNGs that decode faster than photos,
 so png's figures here are an upper bound and raw's lead over png a lower bound.
 
@@ -27,7 +31,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report
+from common import children_cpu_s, report
 
 from pipeline.config import DataConfig
 from pipeline.data.loader import ShardedLoader
@@ -51,17 +55,17 @@ class PngFiles(Dataset):
         return torch.from_numpy(np.asarray(Image.open(self.paths[i]).convert("RGB"), dtype=np.uint8))
 
 
-def timed(batches, count: int) -> float:
-    """images/s over the next `count` batches of the iterator `batches`."""
-    images, started = 0, time.perf_counter()
+def timed(batches, count: int) -> tuple[float, float]:
+    """(images/s, worker CPU microseconds per image) over the next `count` batches of `batches`."""
+    images, started, worker_cpu = 0, time.perf_counter(), children_cpu_s()
     for batch in itertools.islice(batches, count):
         images += batch.shape[0]
-    return images / (time.perf_counter() - started)
+    return images / (time.perf_counter() - started), (children_cpu_s() - worker_cpu) / images * 1e6
 
 
 def measure(tmp: Path, resolution: int, images: int, epochs: int) -> dict:
     """images/s of raw and png shards through our loader and of the PNG-folder baseline."""
-    rates = {}
+    rates, worker_us = {}, {}
     for fmt in ("raw", "png"):
         shards = tmp / f"{fmt}{resolution}"
         summary = prepare("mnist", shards, Transform(resolution, 3, image_format=fmt), limit=images, progress=False)
@@ -70,8 +74,9 @@ def measure(tmp: Path, resolution: int, images: int, epochs: int) -> dict:
         loader = ShardedLoader(config, seed=0)
         batches = (b.images for b in loader.forever())  # as the trainer reads it: workers start once
         timed(batches, len(loader))  # warm-up
-        rates[fmt] = timed(batches, epochs * len(loader))
-        print(f"  sharded loader, {fmt}: {rates[fmt]:,.0f} images/s", flush=True)
+        rates[fmt], worker_us[fmt] = timed(batches, epochs * len(loader))
+        print(f"  sharded loader, {fmt}: {rates[fmt]:,.0f} images/s, worker {worker_us[fmt]:.1f} us/image", flush=True)
+        batches.close()  # stops its worker, which would otherwise count as the next side's
     files = tmp / f"files{resolution}"
     files.mkdir()
     paths = []
@@ -84,9 +89,13 @@ def measure(tmp: Path, resolution: int, images: int, epochs: int) -> dict:
     )
     batches = (batch for _ in itertools.count() for batch in plain)
     timed(batches, len(plain))
-    rates["png_folder"] = timed(batches, epochs * len(plain))
-    print(f"  plain DataLoader over PNG files: {rates['png_folder']:,.0f} images/s", flush=True)
-    return rates
+    rates["png_folder"], worker_us["png_folder"] = timed(batches, epochs * len(plain))
+    print(
+        f"  plain DataLoader over PNG files: {rates['png_folder']:,.0f} images/s, "
+        f"worker {worker_us['png_folder']:.1f} us/image",
+        flush=True,
+    )
+    return rates, worker_us
 
 
 def main():
@@ -98,13 +107,14 @@ def main():
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
         for resolution in map(int, args.resolutions.split(",")):
-            rates = measure(Path(tmp), resolution, args.images, args.epochs)
+            rates, worker_us = measure(Path(tmp), resolution, args.images, args.epochs)
             figures[f"{resolution}x{resolution}x3"] = {
                 "raw_images_per_s": round(rates["raw"]),
                 "png_images_per_s": round(rates["png"]),
                 "png_folder_images_per_s": round(rates["png_folder"]),
                 "raw_over_png": round(rates["raw"] / rates["png"], 2),
                 "png_over_png_folder": round(rates["png"] / rates["png_folder"], 2),
+                "worker_cpu_us_per_image": {side: round(us, 1) for side, us in worker_us.items()},
             }
     print(f"\n{'size':>10} {'raw img/s':>10} {'png img/s':>10} {'folder img/s':>12} {'raw/png':>8} {'png/folder':>10}")
     for size, f in figures.items():
@@ -112,6 +122,7 @@ def main():
             f"{size:>10} {f['raw_images_per_s']:>10,} {f['png_images_per_s']:>10,} "
             f"{f['png_folder_images_per_s']:>12,} {f['raw_over_png']:>8.2f} {f['png_over_png_folder']:>10.2f}"
         )
+    print("worker CPU us/image:", {size: f["worker_cpu_us_per_image"] for size, f in figures.items()})
     print("goals: raw >= 30,000 images/s at 64x64x3 and >= 8x png; png >= 1.0x the PNG folder")
     headline = figures.get("64x64x3") or next(iter(figures.values()))
     report(

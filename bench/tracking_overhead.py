@@ -23,7 +23,6 @@ overhead, and one that the load on the rest of the machine hardly moves.
 """
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report
+from common import report, thread_cpu_s
 
 from pipeline import engines
 from pipeline.config import load_config
@@ -39,20 +38,6 @@ from pipeline.data.prepare import Transform, prepare
 from pipeline.dist import detect
 from pipeline.tracking import MlflowTracker, NullTracker, start_system_metrics
 from pipeline.train import Trainer
-
-
-def thread_cpu_s(exclude: frozenset[int] = frozenset()) -> tuple[float, set[int]]:
-    """CPU seconds (user + system) of this process's threads but `exclude`, and the set of threads
-    read. Linux: /proc/self/task/TID/stat fields 14 and 15."""
-    total, read = 0.0, set()
-    for tid in {int(t) for t in os.listdir("/proc/self/task")} - exclude:
-        try:
-            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rpartition(")")[2].split()
-        except FileNotFoundError:  # the thread ended
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        read.add(tid)
-    return total, read
 
 
 def main():

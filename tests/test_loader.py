@@ -239,6 +239,17 @@ def test_wrong_image_shape_counts_as_corrupt(small_shards, size, caplog):
     assert "skipping corrupt sample 000000003" in caplog.text
 
 
+def test_batches_kept_by_the_caller_stay_intact(small_shards):
+    """Workers build batches in a ring of reused shared-memory buffers: a batch the caller keeps
+    must not change when its buffer is reused (25 batches through two rings of 3 slots)."""
+    shards, _, _ = small_shards
+    kept = list(loader_for(shards, workers=2, prefetch_batches=1))
+    built_in_process = list(loader_for(shards, workers=0))
+    assert len(kept) == len(built_in_process) == 25
+    for batch, reference in zip(kept, built_in_process, strict=True):
+        assert batch.keys == reference.keys and torch.equal(batch.images, reference.images)
+
+
 def test_raw_and_png_shards_give_bit_identical_batches(tmp_path):
     from pipeline.data.prepare import Transform, prepare
     from tests.conftest import make_npz
