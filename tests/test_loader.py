@@ -8,6 +8,7 @@ exactly what each rank runs. test_loader_distributed.py runs it on real gloo ran
 import functools
 import http.server
 import io
+import json
 import logging
 import math
 import subprocess
@@ -218,6 +219,54 @@ def test_corrupt_sample_is_skipped_counted_and_logged(small_shards, caplog):
     assert loader.corrupt_samples == 1 and sum(b.n_corrupt for b in batches) == 1
     assert "000000021" not in [k for b in batches for k in b.keys]
     assert "skipping corrupt sample 000000021" in caplog.text and "train-000002.tar" in caplog.text
+    # The rewritten shard no longer matches its index, so it was walked: the walk finds the damage.
+    assert "train-000002.tar changed since its index was written" in caplog.text
+
+
+def without_indexes(shards):
+    """The dataset as `prepare` wrote it before shard indexes: the loader walks the tar headers."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            del shard["index"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_indexed_and_walked_shards_give_identical_batches(small_shards):
+    shards, _, _ = small_shards
+    indexed = list(loader_for(shards, 1, 2, workers=1))
+    without_indexes(shards)
+    walked = list(loader_for(shards, 1, 2, workers=1))
+    assert len(indexed) == len(walked) == N_SAMPLES // 8
+    for a, b in zip(indexed, walked, strict=True):
+        assert a.keys == b.keys and torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+def test_the_index_reads_past_a_damaged_tar_header_that_ends_the_walk(small_shards):
+    """The index path reads members' data without their headers' checksums: a damaged header
+    costs nothing there, where the walk cannot go on past it and counts the shard's 10 samples
+    missing. (So this also shows which path read the shard.)"""
+    shards, _, _ = small_shards
+    path = shards / "train-000002.tar"
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0x01  # the first member's name: its header's checksum fails
+    path.write_bytes(bytes(data))
+    indexed = loader_for(shards, shuffle=False)
+    assert len(list(indexed)) == N_SAMPLES // 4 and indexed.corrupt_samples == 0
+    without_indexes(shards)
+    walked = loader_for(shards, shuffle=False)
+    assert len(list(walked)) == N_SAMPLES // 4 and walked.corrupt_samples == 10
+
+
+def test_an_unusable_index_is_named_and_its_shard_walked(small_shards, caplog):
+    shards, _, _ = small_shards
+    reference = list(loader_for(shards, shuffle=False))
+    (shards / "train-000003.idx.npy").write_bytes(b"not an index")
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        batches = list(loader_for(shards, shuffle=False))
+    assert "train-000003.idx.npy unusable" in caplog.text and "walking its tar headers" in caplog.text
+    for a, b in zip(batches, reference, strict=True):
+        assert a.keys == b.keys and torch.equal(a.images, b.images)
 
 
 @pytest.mark.parametrize("size", [7, 9])  # a smaller and a larger image than the dataset's 8x8
@@ -298,6 +347,11 @@ def test_verify_checks_sha256(small_shards):
     data[700] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(UserError, match="sha256 mismatch .* train-000003.tar"):
+        loader_for(shards, verify=True)
+    path.write_bytes(bytes(data[:700] + bytes([data[700] ^ 0xFF]) + data[701:]))  # the shard intact again
+    index = shards / "train-000005.idx.npy"
+    index.write_bytes(index.read_bytes()[:-1] + b"x")
+    with pytest.raises(UserError, match="sha256 mismatch .* train-000005.idx.npy"):
         loader_for(shards, verify=True)
 
 

@@ -219,6 +219,30 @@ def test_val_split_is_deterministic_and_disjoint(tmp_path):
     assert again["splits"] == manifest["splits"]  # same input, same options: byte-identical shards
 
 
+@pytest.mark.parametrize("labels", [True, False])
+def test_each_shard_has_an_index_of_its_members(tmp_path, labels):
+    """The index `prepare` writes next to each shard names every sample's key and, per member
+    column, where tarfile itself finds the member's data and its size (-1: no such member)."""
+    make_npz(tmp_path / "src.npz", 25)
+    raw = Transform(8, 1, image_format="raw")
+    prepare(str(tmp_path / "src.npz"), tmp_path / "out", raw, 10, use_labels=labels, progress=False)
+    manifest = load_manifest(tmp_path / "out")
+    entries = manifest_shards(manifest, "train")
+    assert [e.count for e in entries] == [10, 10, 5]
+    for entry in entries:
+        assert entry.index.members == ("raw", "cls") and entry.index.sha256 == sha256_file(entry.index.path)
+        table = np.load(entry.index.path, allow_pickle=False)
+        with tarfile.open(entry.url) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+        for row in table:
+            key = row["key"].decode()
+            for column, ext in enumerate(("raw", "cls")):
+                member = members.get(f"{key}.{ext}")
+                expected = (member.offset_data, member.size) if member else (-1, -1)
+                assert (row["offset"][column], row["size"][column]) == expected
+        assert len(table) == entry.count and len(members) == entry.count * (2 if labels else 1)
+
+
 def test_existing_output_needs_overwrite(tmp_path):
     make_npz(tmp_path / "a.npz", 5)
     assert run_cli("prepare", tmp_path / "a.npz", tmp_path / "out", "--resolution", 8, "--no-progress").returncode == 0

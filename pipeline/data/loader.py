@@ -56,7 +56,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
 from pipeline.data.decode import BadSample, decode_sample
-from pipeline.data.shards import iter_samples, resolve_shards, verify_shards
+from pipeline.data.manifest import ShardEntry
+from pipeline.data.shards import StaleIndex, iter_samples, open_indexed, resolve_shards, verify_shards
 from pipeline.errors import UserError
 
 log = logging.getLogger("pipeline.data")
@@ -183,7 +184,7 @@ class _StreamDataset(IterableDataset):
 
     def __init__(
         self,
-        urls,
+        entries: list[ShardEntry],
         layout: EpochLayout,
         epoch: int,
         history,
@@ -194,7 +195,7 @@ class _StreamDataset(IterableDataset):
         ring_slots: int = 0,
         timeout_s: float = 0.0,
     ):
-        self.urls, self.layout, self.shape = urls, layout, shape
+        self.entries, self.urls, self.layout, self.shape = entries, [e.url for e in entries], layout, shape
         self.epoch, self.history, self.start_batch, self.epochs = epoch, history, start_batch, epochs
         # Per worker, a semaphore counting its ring's free slots (None without workers): the
         # worker takes one before filling a slot, the rank gives it back once it has copied
@@ -233,7 +234,7 @@ class _StreamDataset(IterableDataset):
             for shard, index in needed:
                 cursor = cursors.get(shard)
                 if cursor is None or index < cursor.next_index:  # `pad` wrapped the stream around
-                    cursor = cursors[shard] = _ShardCursor(self.urls[shard], wanted[shard])
+                    cursor = cursors[shard] = _ShardCursor(self.entries[shard], wanted[shard])
                 raw[shard, index] = cursor.read(index)
             for b in group:
                 yield self._assemble([raw[tuple(p)] + (self.urls[p[0]],) for p in plan[b].tolist()])
@@ -283,7 +284,7 @@ class _StreamDataset(IterableDataset):
             for shard, index in self._plan.reshape(-1, 2).tolist():
                 if shard not in cursors or index < cursors[shard].next_index:
                     cursors[shard] = _ShardCursor(
-                        self.urls[shard], set(self._plan[..., 1][self._plan[..., 0] == shard].tolist())
+                        self.entries[shard], set(self._plan[..., 1][self._plan[..., 0] == shard].tolist())
                     )
                 key, files = cursors[shard].read(index)
                 try:
@@ -300,15 +301,30 @@ class _StreamDataset(IterableDataset):
 
 
 class _ShardCursor:
-    """Forward-only reader of one shard's wanted samples."""
+    """Forward-only reader of one shard's wanted samples: through the shard's index when it
+    has a usable one, else by walking its tar headers."""
 
-    def __init__(self, url: str, wanted: set[int]):
-        self.url = url
-        self.samples = iter_samples(url, wanted.__contains__)
+    def __init__(self, entry: ShardEntry, wanted: set[int]):
+        self.url, self.wanted = entry.url, wanted
+        self.indexed = open_indexed(entry)
+        if self.indexed is not None:
+            self.located = self.indexed.locate(sorted(wanted))
+        else:
+            self.samples = iter_samples(entry.url, wanted.__contains__)
         self.next_index = 0
         self.exhausted = False
 
     def read(self, index: int) -> tuple[str, dict | BadSample]:
+        if self.indexed is not None:
+            key, offsets, sizes = self.located[index]
+            try:
+                files = self.indexed.read(offsets, sizes)
+            except StaleIndex as exc:
+                log.warning("shard %s changed since its index was written (%s); walking its tar headers", self.url, exc)
+                self.indexed, self.samples = None, iter_samples(self.url, self.wanted.__contains__)
+            else:
+                self.next_index = index + 1
+                return key, files
         if not self.exhausted:
             for sample_index, key, files in self.samples:
                 self.next_index = sample_index + 1
@@ -345,7 +361,7 @@ class ShardedLoader:
         entries, self.manifest = resolve_shards(config.shards, config.split, config.allow_pipe)
         if config.verify:
             verify_shards(entries)
-        self.urls = [e.url for e in entries]
+        self.entries, self.urls = entries, [e.url for e in entries]
         self.layout = EpochLayout(
             tuple(e.count for e in entries),
             world_size,
@@ -429,7 +445,7 @@ class ShardedLoader:
         ring_slots = prefetch + 2
         free_slots = [torch.multiprocessing.Semaphore(ring_slots) for _ in range(workers)]
         dataset = _StreamDataset(
-            self.urls,
+            self.entries,
             self.layout,
             self.epoch,
             self.history,

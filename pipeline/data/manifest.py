@@ -12,10 +12,23 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.errors import UserError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "gan-pipeline-shards/1"
+INDEX_SUFFIX = ".idx.npy"
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """Where each sample's members lie in a shard, written by `prepare` next to it: a local
+    loader then reads a sample's data without walking the tar headers before it."""
+
+    path: str
+    members: tuple[str, ...]  # the table's member columns, e.g. ("raw", "cls")
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,21 @@ class ShardEntry:
     count: int  # samples in the shard
     sha256: str | None = None
     bytes: int | None = None
+    index: ShardIndex | None = None
+
+
+def index_table(samples: list[tuple[str, list[int], list[int]]]) -> np.ndarray:
+    """A shard's index as one structured array, one row per sample in shard order: its key
+    (UTF-8), and per member column the data's byte offset in the shard and its size (-1 for a
+    member the sample lacks). Saved with np.save and read back with allow_pickle=False."""
+    keys = [key.encode() for key, _, _ in samples]
+    columns = len(samples[0][1])
+    dtype = [("key", f"S{max(map(len, keys))}"), ("offset", "<i8", (columns,)), ("size", "<i8", (columns,))]
+    table = np.empty(len(samples), dtype=dtype)
+    table["key"] = keys
+    table["offset"] = [offsets for _, offsets, _ in samples]
+    table["size"] = [sizes for _, _, sizes in samples]
+    return table
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -63,7 +91,14 @@ def manifest_shards(manifest: dict, split: str) -> list[ShardEntry]:
     if split not in splits:
         raise UserError(f"manifest {manifest['_path']} has no split {split!r} (it has: {', '.join(splits)})")
     folder = Path(manifest["_path"]).parent
+
+    def index_of(shard: dict) -> ShardIndex | None:
+        index = shard.get("index")  # absent in datasets prepared before indexes
+        if not index:
+            return None
+        return ShardIndex(str(folder / index["name"]), tuple(index["members"]), index.get("sha256"))
+
     return [
-        ShardEntry(str(folder / s["name"]), int(s["count"]), s.get("sha256"), s.get("bytes"))
+        ShardEntry(str(folder / s["name"]), int(s["count"]), s.get("sha256"), s.get("bytes"), index_of(s))
         for s in splits[split]["shards"]
     ]

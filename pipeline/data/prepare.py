@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import pipeline
 from pipeline.data.decode import BadSample, open_image
-from pipeline.data.manifest import FORMAT, MANIFEST_NAME, sha256_file
+from pipeline.data.manifest import FORMAT, INDEX_SUFFIX, MANIFEST_NAME, index_table, sha256_file
 from pipeline.data.sources import Item, cpu_count, iter_chunks, open_source
 from pipeline.errors import UserError
 from pipeline.files import write_json_atomic
@@ -176,18 +176,21 @@ def split_of(source_id: str, val_fraction: float, split_seed: int) -> str:
 
 
 class ShardWriter:
-    """Writes `<split>-000000.tar`, ... with exactly `samples_per_shard` samples each but the last."""
+    """Writes `<split>-000000.tar`, ... with exactly `samples_per_shard` samples each but the last,
+    and next to each its member index (`<split>-000000.idx.npy`, see manifest.index_table)."""
 
     def __init__(self, folder: Path, split: str, samples_per_shard: int, ext: str):
         self.folder, self.split, self.per_shard, self.ext = folder, split, samples_per_shard, ext
         self.shards: list[dict] = []
         self._tar: tarfile.TarFile | None = None
-        self._count = 0
+        self._index: list[tuple[str, list[int], list[int]]] = []  # (key, offsets, sizes) of each sample
 
-    def _add_member(self, name: str, data: bytes) -> None:
+    def _add_member(self, name: str, data: bytes) -> int:
+        """Appends one member; returns the offset of its data in the shard."""
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: reproducible shards
         self._tar.addfile(info, io.BytesIO(data))
+        return self._tar.offset - (len(data) + 511) // 512 * 512  # the data ends padded to 512 bytes
 
     def write(self, key: str, image: bytes, label: int | None) -> None:
         if self._tar is None:
@@ -195,9 +198,11 @@ class ShardWriter:
             # Open across write() calls until the shard is full; _close_current closes it.
             self._tar = tarfile.open(self.folder / name, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
             self.shards.append({"name": name, "count": 0})
-        self._add_member(f"{key}.{self.ext}", image)
-        if label is not None:
-            self._add_member(f"{key}.cls", str(label).encode())
+        offsets, sizes = [self._add_member(f"{key}.{self.ext}", image)], [len(image)]
+        label_bytes = b"" if label is None else str(label).encode()
+        offsets.append(-1 if label is None else self._add_member(f"{key}.cls", label_bytes))
+        sizes.append(-1 if label is None else len(label_bytes))
+        self._index.append((key, offsets, sizes))
         self.shards[-1]["count"] += 1
         if self.shards[-1]["count"] == self.per_shard:
             self._close_current()
@@ -212,6 +217,14 @@ class ShardWriter:
             os.fsync(f.fileno())
         self.shards[-1]["bytes"] = path.stat().st_size
         self.shards[-1]["sha256"] = sha256_file(path)
+        index = path.with_suffix(INDEX_SUFFIX)
+        with open(index, "wb") as f:
+            np.save(f, index_table(self._index), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        members = [self.ext, "cls"]
+        self.shards[-1]["index"] = {"name": index.name, "members": members, "sha256": sha256_file(index)}
+        self._index = []
 
     def close(self) -> dict:
         self._close_current()
@@ -236,7 +249,10 @@ class PrepareSummary:
 
 
 def _existing_output(out_dir: Path) -> list[Path]:
-    return [p for p in out_dir.iterdir() if p.name == MANIFEST_NAME or p.suffix == ".tar"] if out_dir.is_dir() else []
+    if not out_dir.is_dir():
+        return []
+    ours = (MANIFEST_NAME,)
+    return [p for p in out_dir.iterdir() if p.name in ours or p.suffix == ".tar" or p.name.endswith(INDEX_SUFFIX)]
 
 
 def _commit(staging: Path, out_dir: Path, manifest: dict) -> None:
