@@ -305,6 +305,7 @@ def fid_run(mnist_shards, tmp_path_factory):
             "train.keep_checkpoints=1",
             *FID_STEPS,
             f"eval.floor={tmp / 'floor'}",
+            "tracking.log_model=true",
             "tracking.registered_model=fid-test",
         ),
         timeout=300,

@@ -130,7 +130,14 @@ def test_best_follows_the_lowest_fid_over_runs_and_latest_is_the_newest(store, t
 def test_a_run_logs_and_registers_its_generator_on_a_real_server(mnist_shards, tmp_path, mlflow_server):
     result = run_cli(
         "train",
-        *train_overrides(mnist_shards, tmp_path, "train.steps=3", "train.run_name=m", "tracking.registered_model=g"),
+        *train_overrides(
+            mnist_shards,
+            tmp_path,
+            "train.steps=3",
+            "train.run_name=m",
+            "tracking.log_model=true",
+            "tracking.registered_model=g",
+        ),
         env={"MLFLOW_TRACKING_URI": mlflow_server.url},
         timeout=300,
     )

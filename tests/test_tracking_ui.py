@@ -35,7 +35,7 @@ def test_mlflow_ui_shows_the_sweep_loss_charts_sample_images_and_the_registered_
         pytest.skip("Debian's chromium is not installed (tests/run.sh installs it when run as root)")
     from playwright.sync_api import sync_playwright
 
-    sweep = ["tracking.parent_run=ui-sweep", "tracking.registered_model=ui-gen"]
+    sweep = ["tracking.parent_run=ui-sweep", "tracking.log_model=true", "tracking.registered_model=ui-gen"]
     fid = ["eval.fid_every=2", "eval.n_generated=12", "eval.n_reference=16", "eval.batch_size=8", "eval.kid=false"]
     fid += ["eval.reference=null", "eval.floor=null"]  # the training shards: the config's test set is not made here
     run_ids = []
