@@ -17,6 +17,7 @@ import tarfile
 import threading
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -262,9 +263,13 @@ def test_an_unusable_index_is_named_and_its_shard_walked(small_shards, caplog):
     shards, _, _ = small_shards
     reference = list(loader_for(shards, shuffle=False))
     (shards / "train-000003.idx.npy").write_bytes(b"not an index")
+    table = np.load(shards / "train-000004.idx.npy")  # the right layout but float offsets
+    floats = [("key", table.dtype["key"]), ("offset", "<f8", (2,)), ("size", "<i8", (2,))]
+    np.save(shards / "train-000004.idx.npy", table.astype(floats))
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         batches = list(loader_for(shards, shuffle=False))
     assert "train-000003.idx.npy unusable" in caplog.text and "walking its tar headers" in caplog.text
+    assert "train-000004.idx.npy unusable" in caplog.text
     for a, b in zip(batches, reference, strict=True):
         assert a.keys == b.keys and torch.equal(a.images, b.images)
 

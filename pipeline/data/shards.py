@@ -228,7 +228,8 @@ class IndexedShard:
         if (
             names != ("key", "offset", "size")
             or table.shape != (count,)
-            or table.dtype["offset"].shape != (len(index.members),)
+            or table.dtype["key"].kind != "S"
+            or any(table.dtype[f].base.kind != "i" or table.dtype[f].shape != (len(index.members),) for f in names[1:])
         ):
             expected = f"{count} rows x {len(index.members)} members"
             raise ValueError(f"{expected} expected, found {table.shape} of {table.dtype}")
