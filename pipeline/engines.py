@@ -35,6 +35,15 @@ from torch import nn
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 import deepspeed
+
+# Imported now, not first inside DeepSpeedEngine.__del__: destroy() imports this module
+# (deepspeedai/DeepSpeed#8213), and __del__ runs wherever the garbage collector frees an
+# engine, including a daemon thread (our MLflow delivery thread, retrying against a dead
+# server at the end of a run). A daemon thread stopped at interpreter exit in the middle of
+# that import keeps the module's import lock, and the main thread's own __del__ of the other
+# engine then waits for it forever: a run that finished hung at exit. Once imported, the
+# import in __del__ is a sys.modules lookup that takes no lock.
+import deepspeed.module_inject.auto_ep_comm
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
