@@ -107,9 +107,9 @@ def main():
             return seconds
 
         cpu: list[float] = []  # tracking's CPU seconds per step, each "on" round
-        timed(
-            null
-        )  # warm-up (start-up records delivered meanwhile); then every thread but the delivery thread is training's
+        # Warm-up (start-up records delivered meanwhile); then every thread but the delivery
+        # thread is training's.
+        timed(null)
         training_threads = frozenset(thread_cpu_s()[1] - {tracker._thread.native_id})
         timed_on()  # warm-up
         cpu.clear()

@@ -191,9 +191,9 @@ class _StreamDataset(IterableDataset):
         start_batch: int,
         epochs: int | None,
         shape,
-        free_slots: list | None = None,
-        ring_slots: int = 0,
-        timeout_s: float = 0.0,
+        free_slots: list,
+        ring_slots: int,
+        timeout_s: float,
     ):
         self.entries, self.urls, self.layout, self.shape = entries, [e.url for e in entries], layout, shape
         self.epoch, self.history, self.start_batch, self.epochs = epoch, history, start_batch, epochs

@@ -198,10 +198,10 @@ class ShardWriter:
             # Open across write() calls until the shard is full; _close_current closes it.
             self._tar = tarfile.open(self.folder / name, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
             self.shards.append({"name": name, "count": 0})
-        offsets, sizes = [self._add_member(f"{key}.{self.ext}", image)], [len(image)]
-        label_bytes = b"" if label is None else str(label).encode()
-        offsets.append(-1 if label is None else self._add_member(f"{key}.cls", label_bytes))
-        sizes.append(-1 if label is None else len(label_bytes))
+        offsets, sizes = [self._add_member(f"{key}.{self.ext}", image), -1], [len(image), -1]  # -1: no label
+        if label is not None:
+            text = str(label).encode()
+            offsets[1], sizes[1] = self._add_member(f"{key}.cls", text), len(text)
         self._index.append((key, offsets, sizes))
         self.shards[-1]["count"] += 1
         if self.shards[-1]["count"] == self.per_shard:
@@ -251,8 +251,7 @@ class PrepareSummary:
 def _existing_output(out_dir: Path) -> list[Path]:
     if not out_dir.is_dir():
         return []
-    ours = (MANIFEST_NAME,)
-    return [p for p in out_dir.iterdir() if p.name in ours or p.suffix == ".tar" or p.name.endswith(INDEX_SUFFIX)]
+    return [p for p in out_dir.iterdir() if p.name == MANIFEST_NAME or p.name.endswith((".tar", INDEX_SUFFIX))]
 
 
 def _commit(staging: Path, out_dir: Path, manifest: dict) -> None:
