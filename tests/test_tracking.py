@@ -244,7 +244,11 @@ def test_end_of_run_waits_a_bounded_time_when_the_server_stays_down(mnist_shards
     while not metrics_file.exists() and time.time() < deadline:
         time.sleep(0.1)
     mlflow_server.stop()
-    _, stderr = proc.communicate(timeout=300)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # a hung run must not outlive the test (one did, at exit: see pipeline/engines.py)
+        raise
     assert proc.returncode == 0, stderr[-3000:]  # training itself succeeded
     # The end of the run, from its last step to giving up on delivery, takes flush_timeout_s (3 s)
     # and the end's own work, whatever the 200 steps took on a busy machine.
