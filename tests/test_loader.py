@@ -23,7 +23,7 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.data.loader import ShardedLoader
-from pipeline.data.manifest import load_manifest
+from pipeline.data.manifest import index_table, load_manifest
 from pipeline.errors import UserError
 
 N_SAMPLES = 103  # the small_shards fixture: 11 shards of 10, 10, ..., 3
@@ -210,6 +210,25 @@ def rewrite_member(path, member_name, data):
             tf.addfile(member, io.BytesIO(content))
 
 
+def reindex(shards, name):
+    """Write shard NAME's index and manifest size anew for the shard as it is now, as `prepare`
+    would have written them for it: the loader then reads the rewritten shard through its index
+    instead of walking it. (The manifest's sha256s stay stale: only `data.verify` reads them.)"""
+    path = shards / name
+    manifest = json.loads((shards / "manifest.json").read_text())
+    entry = next(shard for shard in manifest["splits"]["train"]["shards"] if shard["name"] == name)
+    columns = entry["index"]["members"]
+    rows = {}
+    with tarfile.open(path) as tf:
+        for member in tf.getmembers():
+            key, ext = member.name.split(".", 1)
+            offsets, sizes = rows.setdefault(key, ([-1] * len(columns), [-1] * len(columns)))
+            offsets[columns.index(ext)], sizes[columns.index(ext)] = member.offset_data, member.size
+    np.save(path.with_suffix(".idx.npy"), index_table([(key, *row) for key, row in rows.items()]))
+    entry["bytes"] = path.stat().st_size
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_corrupt_sample_is_skipped_counted_and_logged(small_shards, caplog):
     shards, _, _ = small_shards
     rewrite_member(shards / "train-000002.tar", image_member(shards, "000000021"), b"\x89PNG\r\n\x1a\n garbage")
@@ -274,8 +293,9 @@ def test_an_unusable_index_is_named_and_its_shard_walked(small_shards, caplog):
         assert a.keys == b.keys and torch.equal(a.images, b.images)
 
 
+@pytest.mark.parametrize("through_index", [False, True])  # the shard walked, or read through its index
 @pytest.mark.parametrize("size", [7, 9])  # a smaller and a larger image than the dataset's 8x8
-def test_wrong_image_shape_counts_as_corrupt(small_shards, size, caplog):
+def test_wrong_image_shape_counts_as_corrupt(small_shards, size, through_index, caplog):
     shards, _, _ = small_shards
     from PIL import Image
 
@@ -287,10 +307,13 @@ def test_wrong_image_shape_counts_as_corrupt(small_shards, size, caplog):
     else:
         data = bytes(size * size)  # raw: a member of the wrong length (a square of another side)
     rewrite_member(shards / "train-000000.tar", member, data)
+    if through_index:
+        reindex(shards, "train-000000.tar")
     loader = loader_for(shards)  # in this process, where caplog sees the warning
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         assert len(list(loader)) == N_SAMPLES // 4 and loader.corrupt_samples == 1
     assert "skipping corrupt sample 000000003" in caplog.text
+    assert ("changed since its index was written" in caplog.text) != through_index
 
 
 def test_batches_kept_by_the_caller_stay_intact(small_shards):
@@ -318,13 +341,17 @@ def test_raw_and_png_shards_give_bit_identical_batches(tmp_path):
         assert raw.images.shape == (4, 8, 8, 3) and torch.equal(raw.images, png.images)
 
 
-def test_unreadable_class_counts_as_corrupt(small_shards, caplog):
+@pytest.mark.parametrize("through_index", [False, True])
+def test_unreadable_class_counts_as_corrupt(small_shards, through_index, caplog):
     shards, _, _ = small_shards
     rewrite_member(shards / "train-000001.tar", "000000012.cls", b"seven")
+    if through_index:
+        reindex(shards, "train-000001.tar")
     loader = loader_for(shards, shuffle=False)
     with caplog.at_level(logging.WARNING, logger="pipeline.data"):
         assert len(list(loader)) == N_SAMPLES // 4
     assert loader.corrupt_samples == 1 and "class b'seven' is not an integer" in caplog.text
+    assert ("changed since its index was written" in caplog.text) != through_index
 
 
 def test_truncated_shard_keeps_batch_counts_equal(small_shards):

@@ -52,12 +52,22 @@ def square_shape(size: int) -> tuple[int, int, int]:
     raise BadSample(f"raw image of {size} bytes is not a square grayscale or RGB uint8 image")
 
 
-def decode_raw(data: bytes, shape: tuple[int, int, int] | None) -> np.ndarray:
-    """A read-only uint8 H x W x C view of a raw member's bytes."""
+def decode_raw(data: bytes | np.ndarray, shape: tuple[int, int, int] | None) -> np.ndarray:
+    """A read-only uint8 H x W x C view of a raw member's bytes (or of a 1-D uint8 array: a
+    slice of a mapped shard, viewed without a copy)."""
     shape = shape or square_shape(len(data))
     if len(data) != math.prod(shape):
         raise BadSample(f"raw image holds {len(data)} bytes; the dataset's {shape} uint8 needs {math.prod(shape)}")
-    return np.frombuffer(data, np.uint8).reshape(shape)
+    array = data if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+    return array.reshape(shape)
+
+
+def class_label(data: bytes) -> int:
+    """A `.cls` member's class: ASCII digits, as `prepare` and WebDataset write it."""
+    try:
+        return int(data)
+    except ValueError:
+        raise BadSample(f"class {data[:20]!r} is not an integer") from None
 
 
 def decode_sample(files: dict, shape: tuple[int, int, int] | None) -> tuple[np.ndarray, int | None]:
@@ -73,10 +83,4 @@ def decode_sample(files: dict, shape: tuple[int, int, int] | None) -> tuple[np.n
         array = array[:, :, None]
     if shape is not None and array.shape != shape:
         raise BadSample(f"decoded shape {array.shape} differs from the dataset's {shape}")
-    label = None
-    if "cls" in files:
-        try:
-            label = int(files["cls"])
-        except ValueError:
-            raise BadSample(f"class {files['cls'][:20]!r} is not an integer") from None
-    return array, label
+    return array, class_label(files["cls"]) if "cls" in files else None

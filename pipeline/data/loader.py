@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline.config import DataConfig
 from pipeline.data.decode import BadSample, decode_sample
 from pipeline.data.manifest import ShardEntry
-from pipeline.data.shards import StaleIndex, iter_samples, open_indexed, resolve_shards, verify_shards
+from pipeline.data.shards import IndexedShard, StaleIndex, iter_samples, open_indexed, resolve_shards, verify_shards
 from pipeline.errors import UserError
 
 log = logging.getLogger("pipeline.data")
@@ -203,6 +203,7 @@ class _StreamDataset(IterableDataset):
         # are slots, so the wait is a safeguard that normally returns at once.
         self.free_slots, self.ring_slots, self.timeout_s = free_slots, ring_slots, timeout_s
         self.ring, self.delivered = None, 0
+        self.indexed: dict[int, IndexedShard | None] = {}  # per shard, see _cursor
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -224,68 +225,97 @@ class _StreamDataset(IterableDataset):
             wanted.setdefault(shard, set()).add(index)
         cursors: dict[int, _ShardCursor] = {}
         self._plan, self._fallback, self._fallback_epoch = plan, None, epoch
-        # Samples inside a window are shuffled, but each shard is read forward: read a window's
-        # worth of this worker's samples in shard order first, then assemble its batches.
         window_batches = math.ceil(layout.shuffle_window / layout.batch_per_rank) if layout.shuffle else 1
         for _, group in itertools.groupby(batch_ids, key=lambda b: b // window_batches):
             group = list(group)
+            shards = np.unique(plan[group][..., 0]).tolist()
+            for shard in shards:
+                if shard not in cursors:
+                    cursors[shard] = self._cursor(shard, wanted[shard])
+            if self.shape is not None and all(cursors[shard].raw_indexed for shard in shards):
+                # Raw images through the shards' indexes: each sample is a view of its mapped
+                # shard, copied once, into the batch buffer.
+                for b in group:
+                    yield self._assemble([self._raw_sample(cursors[shard], index) for shard, index in plan[b].tolist()])
+                continue
+            # Samples inside a window are shuffled, but a walked shard is read forward: read a
+            # window's worth of this worker's samples in shard order first, then assemble its batches.
             needed = sorted({tuple(p) for b in group for p in plan[b].tolist()})
-            raw = {}
+            read = {}
             for shard, index in needed:
-                cursor = cursors.get(shard)
-                if cursor is None or index < cursor.next_index:  # `pad` wrapped the stream around
-                    cursor = cursors[shard] = _ShardCursor(self.entries[shard], wanted[shard])
-                raw[shard, index] = cursor.read(index)
+                if index < cursors[shard].next_index:  # `pad` wrapped the stream around
+                    cursors[shard] = self._cursor(shard, wanted[shard])
+                read[shard, index] = cursors[shard].read(index)
             for b in group:
-                yield self._assemble([raw[tuple(p)] + (self.urls[p[0]],) for p in plan[b].tolist()])
+                yield self._assemble([self._decoded(*read[tuple(p)], self.urls[p[0]]) for p in plan[b].tolist()])
 
-    def _assemble(self, entries: list[tuple]) -> Batch | _Delivery:
-        """Decode one batch; corrupt or missing samples are replaced by a good one of the batch."""
-        samples, n_bad = [], 0
-        for key, files, url in entries:
-            try:
-                if isinstance(files, BadSample):  # missing from a truncated shard
-                    raise files
-                array, label = decode_sample(files, self.shape)
-                self.shape = self.shape or array.shape
-                samples.append((array, label, key))
-            except BadSample as exc:  # a corrupt sample is a counted skip, never a crash
-                n_bad += 1
-                log.warning("skipping corrupt sample %s of %s: %s", key, url, exc)
-                samples.append(None)
-        good = [s for s in samples if s is not None]
-        replacement = good[0] if good else self._first_good_sample()
-        samples = [s if s is not None else replacement for s in samples]
-        arrays = [s[0] for s in samples]
+    def _cursor(self, shard: int, wanted: set[int]) -> _ShardCursor:
+        """A reader of `wanted` samples of a shard. Its index and mapping are opened once per
+        stream (the first epoch's page faults are not paid again in later ones)."""
+        if shard not in self.indexed:
+            self.indexed[shard] = open_indexed(self.entries[shard])
+        cursor = _ShardCursor(self.entries[shard], wanted, self.indexed[shard])
+        self.indexed[shard] = cursor.indexed  # None once found stale: walked from then on
+        return cursor
+
+    def _decoded(self, key: str, files: dict | BadSample, url: str) -> tuple | None:
+        """(image, class, key) of a read sample; None for a corrupt or missing one (logged)."""
+        try:
+            if isinstance(files, BadSample):  # missing from a truncated shard
+                raise files
+            image, label = decode_sample(files, self.shape)
+        except BadSample as exc:  # a corrupt sample is a counted skip, never a crash
+            log.warning("skipping corrupt sample %s of %s: %s", key, url, exc)
+            return None
+        self.shape = self.shape or image.shape
+        return image, label, key
+
+    def _raw_sample(self, cursor: _ShardCursor, index: int) -> tuple | None:
+        """As _decoded, for a sample of a raw indexed shard."""
+        key, offsets, sizes = cursor.located[index]
+        try:
+            image, label = cursor.indexed.raw_sample(offsets, sizes, self.shape)
+        except BadSample as exc:
+            log.warning("skipping corrupt sample %s of %s: %s", key, cursor.url, exc)
+            return None
+        return image, label, key
+
+    def _assemble(self, samples: list[tuple | None]) -> Batch | _Delivery:
+        """One batch from its decoded samples; a corrupt or missing one (None) is replaced by the
+        batch's first good sample."""
+        n_bad = sum(sample is None for sample in samples)
+        if n_bad:
+            good = [s for s in samples if s is not None]
+            replacement = good[0] if good else self._first_good_sample()
+            samples = [s if s is not None else replacement for s in samples]
+        images, labels, keys = zip(*samples, strict=True)
         # Labels travel as a list; the rank makes the tensor (_stream).
-        labels = [s[1] for s in samples] if samples[0][1] is not None else None
-        keys = [s[2] for s in samples]
+        labels = list(labels) if labels[0] is not None else None
+        keys = list(keys)
         worker = get_worker_info()
         if worker is None:  # no workers: built in the rank's own process
-            images = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.uint8)
-            np.stack(arrays, out=images.numpy())
-            return Batch(images, labels, keys, n_bad)
+            batch = torch.empty((len(images), *images[0].shape), dtype=torch.uint8)
+            _stack(images, batch)
+            return Batch(batch, labels, keys, n_bad)
         if not self.free_slots[worker.id].acquire(timeout=self.timeout_s):
             raise RuntimeError(f"loader worker {worker.id}: the rank freed no batch buffer in {self.timeout_s} s")
         first = self.ring is None
         if first:
-            shape = (self.ring_slots, len(arrays), *arrays[0].shape)
+            shape = (self.ring_slots, len(images), *images[0].shape)
             self.ring = torch.empty(shape, dtype=torch.uint8).share_memory_()
         slot = self.delivered % len(self.ring)
-        np.stack(arrays, out=self.ring[slot].numpy())
+        _stack(images, self.ring[slot])
         self.delivered += 1
         return _Delivery(worker.id, slot, self.ring if first else None, labels, keys, n_bad)
 
-    def _first_good_sample(self):
+    def _first_good_sample(self) -> tuple:
         """For a batch with no good sample at all (say, inside a truncated shard): the rank's first
         decodable sample of the epoch, so the choice does not depend on the worker count."""
         if self._fallback is None:
             cursors: dict[int, _ShardCursor] = {}
             for shard, index in self._plan.reshape(-1, 2).tolist():
                 if shard not in cursors or index < cursors[shard].next_index:
-                    cursors[shard] = _ShardCursor(
-                        self.entries[shard], set(self._plan[..., 1][self._plan[..., 0] == shard].tolist())
-                    )
+                    cursors[shard] = self._cursor(shard, set(self._plan[..., 1][self._plan[..., 0] == shard].tolist()))
                 key, files = cursors[shard].read(index)
                 try:
                     if not isinstance(files, BadSample):
@@ -300,31 +330,38 @@ class _StreamDataset(IterableDataset):
         return self._fallback
 
 
-class _ShardCursor:
-    """Forward-only reader of one shard's wanted samples: through the shard's index when it
-    has a usable one, else by walking its tar headers."""
+def _stack(images: tuple[np.ndarray, ...], out: torch.Tensor) -> None:
+    """Copy equal-shaped H x W x C images into `out` (N x H x W x C): one concatenation along H,
+    without np.stack's new view of every image."""
+    np.concatenate(images, axis=0, out=out.numpy().reshape(-1, *out.shape[2:]))
 
-    def __init__(self, entry: ShardEntry, wanted: set[int]):
-        self.url, self.wanted = entry.url, wanted
-        self.indexed = open_indexed(entry)
+
+class _ShardCursor:
+    """Reader of one shard's wanted samples: through the shard's index when it has a usable one
+    (any order), else forward-only by walking its tar headers."""
+
+    def __init__(self, entry: ShardEntry, wanted: set[int], indexed: IndexedShard | None):
+        self.url, self.wanted, self.indexed = entry.url, wanted, indexed
         if self.indexed is not None:
-            self.located = self.indexed.locate(sorted(wanted))
-        else:
+            try:
+                self.located = self.indexed.locate(sorted(wanted))
+            except StaleIndex as exc:
+                log.warning("shard %s changed since its index was written (%s); walking its tar headers", self.url, exc)
+                self.indexed = None
+        if self.indexed is None:
             self.samples = iter_samples(entry.url, wanted.__contains__)
-        self.next_index = 0
+        self.next_index = 0  # of the walk: an index below it needs a new cursor
         self.exhausted = False
+
+    @property
+    def raw_indexed(self) -> bool:
+        """Whether raw images are read through the index (see IndexedShard.raw_sample)."""
+        return self.indexed is not None and self.indexed.raw_column is not None
 
     def read(self, index: int) -> tuple[str, dict | BadSample]:
         if self.indexed is not None:
             key, offsets, sizes = self.located[index]
-            try:
-                files = self.indexed.read(offsets, sizes)
-            except StaleIndex as exc:
-                log.warning("shard %s changed since its index was written (%s); walking its tar headers", self.url, exc)
-                self.indexed, self.samples = None, iter_samples(self.url, self.wanted.__contains__)
-            else:
-                self.next_index = index + 1
-                return key, files
+            return key, self.indexed.read(offsets, sizes)
         if not self.exhausted:
             for sample_index, key, files in self.samples:
                 self.next_index = sample_index + 1
