@@ -27,6 +27,9 @@ shared-memory buffers, sent to the rank once; a batch then travels as its slot n
 the rank copies it out and frees the slot. A new shared-memory tensor per batch (what
 default_collate does) cost the worker an allocation, page faults and a file-descriptor
 hand-over on every batch: 1.7 ms of its time per 128 images at 64x64 RGB, against 0.1 ms.
+Raw images of indexed shards skip the per-sample bytes, member dict and decode: each is a
+view of its mapped shard, copied once, into the slot (worker CPU per 64x64 RGB image
+15-16 us -> 6-8 us, the rest being the batch's Python bookkeeping).
 
 Resume: `state_dict()` is (epoch, batches consumed); a loader restored from it
 yields exactly the batches an uninterrupted loader would have yielded next.
