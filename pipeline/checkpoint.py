@@ -61,6 +61,7 @@ MUST_MATCH = (
     "train.d_optim",
     "train.ema",
     "train.ema_decay",
+    "train.ema_warmup",
     "data.batch_per_rank",
     "data.shuffle",
     "data.shuffle_window",
@@ -110,11 +111,15 @@ RESPLIT = ("data.batch_per_rank", "deepspeed.gradient_accumulation")
 
 def incompatibilities(saved: dict, config: Config, world_size: int) -> list[str]:
     """What differs between a checkpoint's meta and this job, in words."""
-    current = config.model_dump(mode="json")
+    current, defaults = config.model_dump(mode="json"), Config().model_dump(mode="json")
     resized = saved["world_size"] != world_size
     problems = []
     for key in MUST_MATCH:
-        old, new = _get(saved["config"], key), _get(current, key)
+        try:
+            old = _get(saved["config"], key)
+        except KeyError:  # a setting newer than the checkpoint: it ran with today's default
+            old = _get(defaults, key)
+        new = _get(current, key)
         if old != new and not (resized and key in RESPLIT):
             problems.append(f"{key}: checkpoint {json.dumps(old)}, now {json.dumps(new)}")
     if resized and config.train.elastic_batch == "global":

@@ -112,6 +112,13 @@ class TrainConfig(Section):
     )
     ema: bool = Field(True, description="keep an exponential moving average of G's weights for samples/eval")
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: float = Field(
+        10.0,
+        ge=1,
+        description="the EMA's decay at update n is min(ema_decay, (1 + n) / (ema_warmup + n)): it averages about "
+        "the last n / (ema_warmup - 1) steps until ema_decay caps it (10: TensorFlow's ExponentialMovingAverage; "
+        "lower: a longer average; 1: no warm-up)",
+    )
     log_every: int = Field(
         10, ge=1, description="steps between metric records (each the mean over its steps; the only host reads)"
     )

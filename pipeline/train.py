@@ -97,7 +97,9 @@ class Trainer:
             generator, discriminator = build_pair(model)
         self.g_engine = engines.Engine("g", generator, config, load_universal=resize is not None)
         self.d_engine = engines.Engine("d", discriminator, config, load_universal=resize is not None)
-        self.ema = EMA(self.g_engine.module, config.train.ema_decay) if config.train.ema else None
+        self.ema = None
+        if config.train.ema:
+            self.ema = EMA(self.g_engine.module, config.train.ema_decay, config.train.ema_warmup)
         if config.train.compile:  # after the EMA's deepcopy: a copy of a compiled module would run the original
             self.g_engine.compile()
             self.d_engine.compile()

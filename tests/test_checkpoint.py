@@ -73,6 +73,13 @@ def test_incompatible_checkpoint_is_refused_saying_what_differs(dist_single, mni
     # allowed to change: the step budget, intervals, run folder
     (path / "meta.json").write_text(json.dumps(meta))
     make(dist_single, mnist_shards, tmp_path, "train.steps=99", "train.log_every=7").resume(path)
+    # A checkpoint from before a setting existed ran with its default: it resumes under the
+    # default and is refused under another value.
+    del meta["config"]["train"]["ema_warmup"]
+    (path / "meta.json").write_text(json.dumps(meta))
+    make(dist_single, mnist_shards, tmp_path).resume(path)
+    with pytest.raises(UserError, match="train.ema_warmup: checkpoint 10.0, now 4.0"):
+        make(dist_single, mnist_shards, tmp_path, "train.ema_warmup=4").resume(path)
 
 
 def test_keeps_the_newest_k_plus_best(dist_single, mnist_shards, tmp_path):

@@ -167,3 +167,14 @@ def test_ema_update_by_hand_with_warmup():
     restored = EMA(model, decay=0.5)
     restored.load_state_dict(ema.state_dict())
     assert restored.updates == 22 and torch.equal(restored.model.weight, ema.model.weight)
+
+
+@pytest.mark.parametrize(("warmup", "first_decays"), [(1, [0.99, 0.99]), (4, [1 / 4, 2 / 5]), (10, [1 / 10, 2 / 11])])
+def test_ema_warmup_sets_how_fast_the_average_lengthens(warmup, first_decays):
+    """min(decay, (1 + n) / (warmup + n)): 1 is no warm-up; 10 is TensorFlow's (the default)."""
+    ema = EMA(nn.Linear(1, 1), decay=0.99, warmup=warmup)
+    decays = []
+    for _ in range(2):
+        decays.append(ema.current_decay())
+        ema.update(nn.Linear(1, 1))
+    assert decays == pytest.approx(first_decays)
