@@ -344,7 +344,7 @@ class _ShardCursor:
     (any order), else forward-only by walking its tar headers."""
 
     def __init__(self, entry: ShardEntry, wanted: set[int], indexed: IndexedShard | None):
-        self.url, self.wanted, self.indexed = entry.url, wanted, indexed
+        self.url, self.indexed = entry.url, indexed
         if self.indexed is not None:
             try:
                 self.located = self.indexed.locate(sorted(wanted))
