@@ -293,6 +293,20 @@ def test_an_unusable_index_is_named_and_its_shard_walked(small_shards, caplog):
         assert a.keys == b.keys and torch.equal(a.images, b.images)
 
 
+def test_an_index_pointing_past_its_shard_is_stale_and_the_shard_walked(small_shards, caplog):
+    shards, _, _ = small_shards
+    reference = list(loader_for(shards, shuffle=False))
+    path = shards / "train-000001.idx.npy"
+    table = np.load(path)
+    table["offset"][3], table["size"][3] = 2**62, 2**62  # past any file; their sum overflows int64
+    np.save(path, table)
+    with caplog.at_level(logging.WARNING, logger="pipeline.data"):
+        batches = list(loader_for(shards, shuffle=False))
+    assert "train-000001.tar changed since its index was written" in caplog.text
+    for a, b in zip(batches, reference, strict=True):
+        assert a.keys == b.keys and torch.equal(a.images, b.images)
+
+
 @pytest.mark.parametrize("through_index", [False, True])  # the shard walked, or read through its index
 @pytest.mark.parametrize("size", [7, 9])  # a smaller and a larger image than the dataset's 8x8
 def test_wrong_image_shape_counts_as_corrupt(small_shards, size, through_index, caplog):

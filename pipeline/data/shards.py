@@ -255,7 +255,7 @@ class IndexedShard:
         starts, sizes = rows["offset"].ravel(), rows["size"].ravel()
         present = sizes >= 0  # -1: a member this sample lacks (no label)
         starts, sizes = starts[present], sizes[present]
-        outside = (starts < 512) | (starts + sizes > len(self.array))
+        outside = (starts < 512) | (starts > len(self.array)) | (sizes > len(self.array) - starts)  # no overflow
         if outside.any():
             raise StaleIndex(f"no member of {sizes[outside][0]} bytes at offset {starts[outside][0]}")
         headers = self.array[(starts - 388)[:, None] + np.arange(12)]
