@@ -3,7 +3,7 @@
 Same DCGAN models, batch, algorithm (D step on real + detached fake, then G step through a
 frozen D) and in-memory data; the plain loop uses torch.optim.Adam and no DeepSpeed.
 One process on CPU (or the GPU when there is one), fp32, world size 1. Steps alternate in
-rounds (ours, plain, ours, ...) so both see the same machine state.
+rounds (ours, plain, ours with model.channels_last, ...) so all see the same machine state.
 
     python bench/train_step.py [--resolution 32] [--batch 64] [--steps 30] [--rounds 3]
 """
@@ -76,28 +76,34 @@ def main():
             limit=args.batch * 4,
             progress=False,
         )
-        config = load_config(
-            None,
-            [
-                f"data.shards={tmp}/shards",
-                f"data.batch_per_rank={args.batch}",
-                "data.workers=0",
-                f"model.resolution={args.resolution}",
-                f"model.channels={args.channels}",
-                f"train.run_root={tmp}/runs",
-                "train.progress=false",
-            ],
-        )
+
+        def config_with(*extra):
+            return load_config(
+                None,
+                [
+                    f"data.shards={tmp}/shards",
+                    f"data.batch_per_rank={args.batch}",
+                    "data.workers=0",
+                    f"model.resolution={args.resolution}",
+                    f"model.channels={args.channels}",
+                    f"train.run_root={tmp}/runs",
+                    "train.progress=false",
+                    *extra,
+                ],
+            )
+
+        config = config_with()
         info = detect()
         engines.init_distributed(info, 5)
         trainer = Trainer(config, info, Path(tmp) / "runs" / "bench")
+        nhwc = Trainer(config_with("model.channels_last=true"), info, Path(tmp) / "runs" / "bench_nhwc")
         plain = PlainLoop(config, info.device)
         pixels = torch.randint(0, 256, (args.batch, args.resolution, args.resolution, args.channels), dtype=torch.uint8)
         in_memory = Batch(pixels, None, [], 0)  # uint8 NHWC, as the loader delivers; ours scales it each step
         real = from_uint8(pixels.to(info.device))  # the plain loop gets it ready-made
         batches = iter(lambda: in_memory, None)  # the same in-memory batch forever
 
-        def ours_rate():
+        def ours_rate(trainer=trainer):
             started = time.perf_counter()
             for _ in range(args.steps):
                 trainer.train_step(batches)
@@ -109,20 +115,32 @@ def main():
                 plain.step(real)
             return args.steps * args.batch / (time.perf_counter() - started)
 
-        ours_rate(), plain_rate()  # warm-up
-        ours, base = [], []
+        ours_rate(), plain_rate(), ours_rate(nhwc)  # warm-up
+        ours, base, channels_last = [], [], []
         for r in range(args.rounds):
             ours.append(ours_rate())
             base.append(plain_rate())
-            print(f"round {r + 1}/{args.rounds}: ours {ours[-1]:.1f} img/s, plain {base[-1]:.1f} img/s", flush=True)
-        ours_best, base_best = max(ours), max(base)
+            channels_last.append(ours_rate(nhwc))
+            print(
+                f"round {r + 1}/{args.rounds}: ours {ours[-1]:.1f} img/s, plain {base[-1]:.1f} img/s, "
+                f"ours with channels_last {channels_last[-1]:.1f} img/s",
+                flush=True,
+            )
+        ours_best, base_best, nhwc_best = max(ours), max(base), max(channels_last)
         print(
             f"ours (DeepSpeed engines): {ours_best:.1f} images/s; plain PyTorch: {base_best:.1f} images/s; "
-            f"ratio {ours_best / base_best:.3f} (goal >= 0.95)"
+            f"ratio {ours_best / base_best:.3f} (goal >= 0.95); with model.channels_last: {nhwc_best:.1f} "
+            f"images/s, {nhwc_best / ours_best:.3f}x ours"
         )
         report(
             "train_step",
-            {"images_per_s": round(ours_best, 1), "rounds": [round(x, 1) for x in ours]},
+            {
+                "images_per_s": round(ours_best, 1),
+                "rounds": [round(x, 1) for x in ours],
+                "channels_last_images_per_s": round(nhwc_best, 1),
+                "channels_last_rounds": [round(x, 1) for x in channels_last],
+                "channels_last_over_nchw": round(nhwc_best / ours_best, 3),
+            },
             {
                 "images_per_s": round(base_best, 1),
                 "rounds": [round(x, 1) for x in base],

@@ -60,7 +60,9 @@ class ModelConfig(Section):
     d_width: int = Field(64, ge=1, description="D's width: ndf, its first conv's channels (dcgan); hidden units (mlp)")
     d_norm: Literal["batch", "spectral", "none"] = Field("batch", description="normalisation in D's hidden layers")
     channels_last: bool = Field(
-        False, description="D's real and fake batches in NHWC layout, for NHWC convolutions on tensor-core GPUs"
+        False,
+        description="NHWC convolutions: D's real and fake batches in NHWC layout (tensor-core GPUs), and with "
+        "fp32 at ZeRO stage 0 both networks' weights too (5-10% faster steps on CPU)",
     )
 
 

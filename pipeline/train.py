@@ -173,11 +173,10 @@ class Trainer:
                 (self.run_dir / f"ds_config_{engine.name}.json").write_text(json.dumps(engine.ds_config, indent=2))
 
     def d_layout(self, images: torch.Tensor) -> torch.Tensor:
-        """D's input in the layout model.channels_last asks for. Only the activations change layout:
-        PyTorch's convolutions follow an NHWC input with NHWC kernels. The weights stay NCHW,
-        as DeepSpeed keeps them: it views parameters as flat bytes (engine._broadcast_model's
-        `p.data.view(torch.uint8)` refuses channels_last bf16 weights) and its bf16/fp16/ZeRO
-        optimizers hold them in flat contiguous buffers."""
+        """D's input in the layout model.channels_last asks for: PyTorch's convolutions follow an
+        NHWC input with NHWC kernels. With fp16, bf16 or ZeRO the weights stay NCHW, as DeepSpeed
+        keeps them: its optimizers hold them in flat contiguous buffers. With fp32 at stage 0
+        the weights are NHWC too (engines.Engine), which saves reordering each kernel per call."""
         return images.contiguous(memory_format=torch.channels_last) if self.config.model.channels_last else images
 
     def latents(self, n: int) -> torch.Tensor:

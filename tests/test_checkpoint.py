@@ -30,9 +30,12 @@ def losses_of(trainer, steps):
 
 
 # ZeRO-1 bf16 too: its optimizer files hold DeepSpeed's LossScaler, ZeroStageEnum and
-# fragment_address objects, which a weights_only load refuses unless they are allowed.
+# fragment_address objects, which a weights_only load refuses unless they are allowed. NHWC
+# weights too: their loaded Adam state is NCHW, which must not change a single update.
 @pytest.mark.parametrize(
-    "precision", [(), ("deepspeed.precision=bf16", "deepspeed.zero_stage=1")], ids=["fp32", "bf16-zero1"]
+    "precision",
+    [(), ("deepspeed.precision=bf16", "deepspeed.zero_stage=1"), ("model.channels_last=true",)],
+    ids=["fp32", "bf16-zero1", "fp32-channels-last"],
 )
 def test_checkpoint_contents_and_exact_continuation(dist_single, mnist_shards, tmp_path, precision):
     trainer = make(dist_single, mnist_shards, tmp_path, "data.workers=1", *precision)
