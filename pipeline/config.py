@@ -104,7 +104,16 @@ class TrainConfig(Section):
     g_optim: OptimizerConfig = Field(default_factory=OptimizerConfig)
     d_optim: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_decay: Literal["none", "linear"] = Field(
-        "none", description="none: constant lr; linear: from each optimizer's lr at step 0 to 0 at train.steps"
+        "none",
+        description="none: constant lr; linear: from each optimizer's lr at step 0 (or at lr_decay_start) to 0 at "
+        "train.steps",
+    )
+    lr_decay_start: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="linear: the fraction of train.steps run at the full lr before it starts to fall (0: it falls "
+        "from step 0; 0.5: constant for the first half, as pix2pix's n_epochs then n_epochs_decay)",
     )
     compile: bool = Field(False, description="torch.compile G and D through DeepSpeed (the first steps compile)")
     elastic_batch: Literal["global", "per_rank"] = Field(

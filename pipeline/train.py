@@ -226,9 +226,11 @@ class Trainer:
         to the logging window: nothing here waits for the device (pipeline/metrics.py)."""
         waited, accumulation = 0.0, self.config.deepspeed.gradient_accumulation
         if self.config.train.lr_decay == "linear":  # a function of the step alone: resumes exactly
-            remaining = 1.0 - self.global_step / self.config.train.steps
-            self.d_engine.set_learning_rate(self.config.train.d_optim.lr * remaining)
-            self.g_engine.set_learning_rate(self.config.train.g_optim.lr * remaining)
+            train = self.config.train
+            decay_steps = train.steps * (1.0 - train.lr_decay_start)
+            remaining = min(1.0, (train.steps - self.global_step) / decay_steps)
+            self.d_engine.set_learning_rate(train.d_optim.lr * remaining)
+            self.g_engine.set_learning_rate(train.g_optim.lr * remaining)
         d_records = []
         for _ in range(self.config.loss.n_critic * accumulation):
             before = time.perf_counter()

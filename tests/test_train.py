@@ -217,6 +217,13 @@ def test_linear_lr_decay_goes_from_the_configured_lr_towards_zero(dist_single, m
         used.append((trainer.d_engine.learning_rate, trainer.g_engine.learning_rate))
     assert used == [pytest.approx((4e-4 * f, 2e-4 * f)) for f in (1.0, 0.75, 0.5, 0.25)]
 
+    held = make_trainer(dist_single, mnist_shards, tmp_path / "held", *extra, "train.lr_decay_start=0.5")
+    batches, used = held.loader.forever(), []
+    for _ in range(4):
+        held.train_step(batches)
+        used.append(held.d_engine.learning_rate)
+    assert used == pytest.approx([4e-4, 4e-4, 4e-4, 2e-4])  # full for the first half, then towards 0
+
 
 def test_shape_mismatch_between_data_and_model(dist_single, mnist_shards, tmp_path):
     with pytest.raises(UserError, match="holds 32x32 images with 1 channel.*model.resolution=64, model.channels=3"):
