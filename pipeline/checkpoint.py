@@ -52,10 +52,17 @@ LATEST, BEST = "latest", "best"
 META_FORMAT = "gan-pipeline-checkpoint/1"
 # Config keys that must match for an exact resume: they shape the models, the optimizer
 # state, the data plan or the random streams. Everything else (steps, intervals, run
-# folder, tracking, progress) may change between runs.
+# folder, tracking, progress) may change between runs, and so may model.channels_last: a
+# memory layout, not a different model (its weights load into either layout).
 MUST_MATCH = (
     "seed",
-    "model",
+    "model.arch",
+    "model.resolution",
+    "model.channels",
+    "model.latent_dim",
+    "model.g_width",
+    "model.d_width",
+    "model.d_norm",
     "loss",
     "train.g_optim",
     "train.d_optim",
