@@ -175,7 +175,7 @@ class Engine:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config)
         if config.model.channels_last and optimizer is not None and not _flattens_parameters(self.ds_config):
             # NHWC weights: without them every convolution reorders its kernel, forward and
-            # backward (about 15% of a CPU step at MNIST size). Only after initialize, whose
+            # backward (5-10% of a 2-rank CPU step at MNIST size). Only after initialize, whose
             # broadcast views each parameter as bytes, which NHWC strides refuse; and only when
             # the torch optimizer updates the module's own tensors: DeepSpeed's fp16/bf16 and
             # ZeRO optimizers re-point each parameter into a flat contiguous buffer, and a
