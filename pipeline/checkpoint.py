@@ -52,17 +52,10 @@ LATEST, BEST = "latest", "best"
 META_FORMAT = "gan-pipeline-checkpoint/1"
 # Config keys that must match for an exact resume: they shape the models, the optimizer
 # state, the data plan or the random streams. Everything else (steps, intervals, run
-# folder, tracking, progress) may change between runs, and so may model.channels_last: a
-# memory layout, not a different model (its weights load into either layout).
+# folder, tracking, progress) may change between runs.
 MUST_MATCH = (
     "seed",
-    "model.arch",
-    "model.resolution",
-    "model.channels",
-    "model.latent_dim",
-    "model.g_width",
-    "model.d_width",
-    "model.d_norm",
+    "model",
     "loss",
     "train.g_optim",
     "train.d_optim",
@@ -106,10 +99,23 @@ def config_hash(config: Config) -> str:
     return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Inside MUST_MATCH sections, but free to change: a memory layout, not another model (the
+# weights load into either layout).
+MAY_CHANGE = ("model.channels_last",)
+
+
 def _get(tree: dict, dotted: str):
     for part in dotted.split("."):
         tree = tree[part]
     return tree
+
+
+def _compared(tree: dict, key: str):
+    """The value at `key` as resume compares it: without the MAY_CHANGE settings under it."""
+    value = _get(tree, key)
+    if isinstance(value, dict):
+        value = {k: v for k, v in value.items() if f"{key}.{k}" not in MAY_CHANGE}
+    return value
 
 
 # On another world size the batch is split anew (pipeline/elastic.py), so these may differ.
@@ -123,10 +129,10 @@ def incompatibilities(saved: dict, config: Config, world_size: int) -> list[str]
     problems = []
     for key in MUST_MATCH:
         try:
-            old = _get(saved["config"], key)
+            old = _compared(saved["config"], key)
         except KeyError:  # a setting newer than the checkpoint: it ran with today's default
-            old = _get(defaults, key)
-        new = _get(current, key)
+            old = _compared(defaults, key)
+        new = _compared(current, key)
         if old != new and not (resized and key in RESPLIT):
             problems.append(f"{key}: checkpoint {json.dumps(old)}, now {json.dumps(new)}")
     if resized and config.train.elastic_batch == "global":
