@@ -31,9 +31,10 @@ from pipeline.train import Trainer
 
 
 class PlainLoop:
-    """The reference DCGAN step, written the plain way."""
+    """The reference DCGAN step, written the plain way: torch.optim.Adam, no DeepSpeed, no EMA.
+    precision bf16/fp16: torch.autocast, and for fp16 a GradScaler (torch's AMP recipe)."""
 
-    def __init__(self, config, device):
+    def __init__(self, config, device, precision: str = "fp32"):
         torch.manual_seed(config.seed)
         m = config.model
         self.g = Generator(m.resolution, m.channels, m.latent_dim, m.g_width).to(device)
@@ -42,20 +43,28 @@ class PlainLoop:
         self.g_opt = torch.optim.Adam(self.g.parameters(), lr=o.g_optim.lr, betas=o.g_optim.betas)
         self.d_opt = torch.optim.Adam(self.d.parameters(), lr=o.d_optim.lr, betas=o.d_optim.betas)
         self.latent_dim, self.device = m.latent_dim, device
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
     def step(self, real):
         z = torch.randn(real.shape[0], self.latent_dim, device=self.device)
-        with torch.no_grad():
-            fake = self.g(z)
-        d_loss = F.softplus(-self.d(real)).mean() + F.softplus(self.d(fake)).mean()
+        with self.autocast():
+            with torch.no_grad():
+                fake = self.g(z)
+            d_loss = F.softplus(-self.d(real)).mean() + F.softplus(self.d(fake)).mean()
         self.d_opt.zero_grad(set_to_none=True)
-        d_loss.backward()
-        self.d_opt.step()
+        self.scaler.scale(d_loss).backward()
+        self.scaler.step(self.d_opt)
         self.d.requires_grad_(False)
-        g_loss = F.softplus(-self.d(self.g(torch.randn_like(z)))).mean()
+        with self.autocast():
+            g_loss = F.softplus(-self.d(self.g(torch.randn_like(z)))).mean()
         self.g_opt.zero_grad(set_to_none=True)
-        g_loss.backward()
-        self.g_opt.step()
+        self.scaler.scale(g_loss).backward()
+        self.scaler.step(self.g_opt)
+        self.scaler.update()
         self.d.requires_grad_(True)
         return d_loss.detach(), g_loss.detach()  # not read back: a good plain loop does not wait every step
 

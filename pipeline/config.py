@@ -17,6 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.errors import ConfigError
 
+# Precisions refused at ZeRO stage 0 (deepspeed.zero_stage here, or a raw DeepSpeed JSON's), and why.
+STAGE_0_REFUSED = {
+    "fp16": "at stage 0, DeepSpeed 0.19.8 applies updates loss_scale times too small (deepspeed PR #8393)",
+    "bf16": "at stage 0, DeepSpeed 0.19.8 wraps the optimizer in FP16_UnfusedOptimizer, which reads every "
+    "gradient's overflow flag back to the host each step (about 30 device waits per step); ZeRO-1 reads none",
+}
+
 
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are not coerced silently."""
@@ -73,6 +80,12 @@ class LossConfig(Section):
     r1_gamma: float = Field(
         0.0, ge=0, description="R1 penalty gamma/2 E||grad_x D(x)||^2 on real images (Mescheder et al. 2018); 0 = off"
     )
+
+    @property
+    def has_penalty(self) -> bool:
+        """Whether D's loss differentiates D's input gradient (R1 or WGAN-GP): a double backward."""
+        return self.r1_gamma > 0 or self.kind == "wgan-gp"
+
     r1_every: int = Field(
         4, ge=1, description="apply R1 every N steps, scaled by N (lazy regularization, Karras et al. 2020)"
     )
@@ -87,7 +100,13 @@ class OptimizerConfig(Section):
 
 class DeepSpeedSection(Section):
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="fp16 uses dynamic loss scaling")
-    zero_stage: int = Field(0, ge=0, le=2, description="ZeRO stage of both engines")
+    zero_stage: int = Field(
+        0,
+        ge=0,
+        le=2,
+        description="ZeRO stage of both engines (fp16 and bf16 need >= 1; unclipped fp32 at 1-2 logs no gradient "
+        "norms: DeepSpeed would read each back)",
+    )
     gradient_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
     gradient_clipping: float = Field(0.0, ge=0, description="max grad norm; 0 = off (DCGAN trains unclipped)")
     fp16_initial_scale_power: int = Field(16, ge=0, le=40, description="initial loss scale 2**N")
@@ -115,7 +134,14 @@ class TrainConfig(Section):
         description="linear: the fraction of train.steps run at the full lr before it starts to fall (0: it falls "
         "from step 0; 0.5: constant for the first half, as pix2pix's n_epochs then n_epochs_decay)",
     )
-    compile: bool = Field(False, description="torch.compile G and D through DeepSpeed (the first steps compile)")
+    compile: bool = Field(
+        False,
+        description="torch.compile G and D through DeepSpeed (the first steps compile); R1 and WGAN-GP take "
+        "their gradient penalty through D's eager forward (compiled graphs have no double backward)",
+    )
+    compile_backend: Literal["inductor", "aot_eager", "cudagraphs", "eager"] = Field(
+        "inductor", description="torch.compile backend: inductor (generated kernels), aot_eager (no compiler; tests)"
+    )
     elastic_batch: Literal["global", "per_rank"] = Field(
         "global",
         description="resuming on another world size: keep the global batch (re-split per rank and accumulation) "
@@ -240,16 +266,29 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
-    def _fp16_needs_zero(self):
-        # DeepSpeed 0.19.8 at ZeRO stage 0 does not multiply the loss by the loss scale in
-        # backward but still divides by it in step: updates come out `scale` times too small
-        # (deepspeed PR #8393). Refuse instead of training silently wrong.
-        if self.deepspeed.precision == "fp16" and self.deepspeed.zero_stage == 0:
+    def _half_precision_needs_zero(self):
+        # Refuse instead of training silently wrong (fp16) or waiting on the device every step (bf16).
+        precision = self.deepspeed.precision
+        if precision in STAGE_0_REFUSED and self.deepspeed.zero_stage == 0:
             raise ValueError(
-                "deepspeed.precision fp16 needs deepspeed.zero_stage >= 1: at stage 0, DeepSpeed 0.19.8 "
-                "applies updates loss_scale times too small (deepspeed PR #8393)"
+                f"deepspeed.precision {precision} needs deepspeed.zero_stage >= 1: {STAGE_0_REFUSED[precision]}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _fp16_penalty_needs_no_batchnorm(self):
+        if self.deepspeed.precision == "fp16" and self.loss.has_penalty and self.model.d_norm == "batch":
+            raise ValueError(FP16_PENALTY_REFUSED)
+        return self
+
+
+# Measured on CPU fp16 kernels (tests/test_fp16.py): the double backward of a gradient penalty
+# through an fp16 BatchNorm gives non-finite gradients at every loss scale down to 1.
+FP16_PENALTY_REFUSED = (
+    "fp16 with a gradient penalty needs model.d_norm spectral or none: the penalty's double backward through "
+    "D's BatchNorm in fp16 is non-finite at every loss scale, so every penalty step would be skipped; "
+    "use bf16 or fp32 to keep BatchNorm"
+)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

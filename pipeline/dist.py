@@ -113,22 +113,36 @@ def detect(device: str = "auto") -> DistInfo:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
     if use_cuda and not torch.cuda.is_available():
         raise UserError("train.device is cuda but no CUDA device is visible")
-    if use_cuda and local_world > torch.cuda.device_count():
-        raise UserError(
-            f"{local_world} ranks per node but {torch.cuda.device_count()} CUDA device(s) visible on "
-            f"{socket.gethostname()}: start one rank per GPU (sbatch --gpus-per-node / --ntasks-per-node)"
-        )
+    index = cuda_device_index(local_rank, local_world, torch.cuda.device_count()) if use_cuda else None
     if use_cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(index)
     return DistInfo(
         launcher,
         rank,
         local_rank,
         world,
         local_world,
-        torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"),
+        torch.device("cuda", index) if use_cuda else torch.device("cpu"),
         "nccl" if use_cuda else "gloo",
         node_rank,
+    )
+
+
+def cuda_device_index(local_rank: int, local_world: int, visible: int) -> int:
+    """The CUDA device of this rank, among the `visible` ones it sees.
+
+    Seeing every GPU of the node (one rank per GPU, the deepspeed launcher, torchrun, srun with
+    --gpus-per-node): device local_rank. Seeing exactly one (srun --gpus-per-task=1 or
+    --gpu-bind, or a CUDA_VISIBLE_DEVICES of one device per rank, as many sites set by
+    default): that one, device 0."""
+    if visible >= local_world:
+        return local_rank
+    if visible == 1:
+        return 0
+    raise UserError(
+        f"{local_world} ranks per node but {visible} CUDA device(s) visible to local rank {local_rank} on "
+        f"{socket.gethostname()}: give each rank one GPU (srun --gpus-per-task=1) or every rank all of the "
+        "node's (sbatch --gpus-per-node equal to --ntasks-per-node)"
     )
 
 

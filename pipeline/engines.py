@@ -8,7 +8,11 @@ Traps handled here (deepspeed 0.19.8; numbers are deepspeedai/DeepSpeed issues a
 - gradient_clipping is always written explicitly: it defaults to 1.0 since 0.19.3 (#8068);
 - fp16/bf16 cast only parameters since 0.19.2 (#8066), leaving BatchNorm running stats in
   fp32 and failing the forward: data_types.buffer_dtype casts the buffers too;
-- fp16 at ZeRO stage 0 is refused in config validation (PR #8393);
+- fp16 at ZeRO stage 0 is refused in config validation (PR #8393), and so is bf16 there
+  (FP16_UnfusedOptimizer reads each gradient back every step);
+- nothing in a step waits for the device: the throughput timer (on by default) is off, bf16
+  runs without check_grad_overflow, fp32 ZeRO without the norm nobody uses
+  (tests/test_device_waits.py counts the waits);
 - a client torch.optim.Adam instead of the config's "Adam", which becomes FusedAdam in
   AdamW mode and JIT-compiles an op on CPU.
 """
@@ -48,9 +52,9 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from pipeline.config import Config, OptimizerConfig
+from pipeline.config import STAGE_0_REFUSED, Config, OptimizerConfig
 from pipeline.dist import DistInfo
-from pipeline.errors import UserError
+from pipeline.errors import NonFiniteLoss, UserError
 from pipeline.files import load_tensors
 
 # DeepSpeed logs every config key at INFO on every rank; keep its warnings.
@@ -92,8 +96,9 @@ def _unlink_shm_buffer(info: DistInfo) -> None:
         shm_buffer_path(info.rank).unlink()
 
 
-def build_ds_config(config: Config, network: str) -> dict:
-    """The DeepSpeed config of one engine ("g" or "d"), from our config or the user's raw JSON."""
+def build_ds_config(config: Config, network: str, parameters: int) -> dict:
+    """The DeepSpeed config of one engine ("g" or "d", a network of `parameters` elements), from
+    our config or the user's raw JSON."""
     ds = config.deepspeed
     raw_path = ds.g_config_json if network == "g" else ds.d_config_json
     if raw_path:
@@ -112,15 +117,35 @@ def build_ds_config(config: Config, network: str) -> dict:
         "hysteresis": ds.fp16_hysteresis,
         "min_loss_scale": ds.fp16_min_loss_scale,
     }
+    zero = {"stage": ds.zero_stage}
+    if ds.zero_stage > 0:
+        # DeepSpeed's default buckets hold 5e8 elements (about 1 GB per fp16 engine) whatever
+        # the model's size; one bucket the size of the network is all a DCGAN needs.
+        # Rounded up to whole KiB of elements: ZeRO asserts an all-gather bucket of an even size.
+        bucket = -(-max(parameters, 1) // 1024) * 1024
+        zero |= {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+        if ds.precision == "fp32" and ds.gradient_clipping == 0:
+            # At fp32, ZeRO 1-2 checks its gradient norm for inf/NaN with a bool() on the device
+            # (stage_1_and_2.py step, runtime/utils.py is_invalid_grad_norm): a wait every step.
+            # Unclipped, nothing needs that norm; it is not logged then (grad_norm_D/G absent).
+            zero["compute_grad_norm"] = False
     result = {
         "train_micro_batch_size_per_gpu": config.data.batch_per_rank,
         "gradient_accumulation_steps": ds.gradient_accumulation,
         "gradient_clipping": ds.gradient_clipping,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": zero,
         "fp16": fp16,
-        "bf16": {"enabled": ds.precision == "bf16"},
+        # check_grad_overflow off: at ZeRO 1-2 it reads an overflow flag and the norm's
+        # finiteness back every step (stage_1_and_2.py has_overflow, is_invalid_grad_norm). bf16
+        # has fp32's range, so a non-finite gradient means divergence, not a loss scale to
+        # lower; Divergence (pipeline/metrics.py) stops a run whose losses stay non-finite.
+        "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": False},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer is on by default and synchronizes the whole device at
+        # each forward and step (deepspeed/utils/timer.py ThroughputTimer.start/stop); its
+        # hook sits on the module, so even a raw module forward fires it. We time steps ourselves.
+        "timers": {"throughput": {"enabled": False}},
     }
     if ds.precision != "fp32":
         result["data_types"] = {"buffer_dtype": ds.precision}
@@ -128,7 +153,8 @@ def build_ds_config(config: Config, network: str) -> dict:
 
 
 def _checked_raw(raw: dict, config: Config, network: str, path: str) -> dict:
-    """A user's DeepSpeed JSON: batch keys must agree with ours; clipping made explicit (#8068)."""
+    """A user's DeepSpeed JSON: batch keys must agree with ours; clipping made explicit (#8068);
+    the throughput timer off unless the JSON asks for it (it synchronizes the device)."""
     expected = {
         "train_micro_batch_size_per_gpu": config.data.batch_per_rank,
         "gradient_accumulation_steps": config.deepspeed.gradient_accumulation,
@@ -138,10 +164,12 @@ def _checked_raw(raw: dict, config: Config, network: str, path: str) -> dict:
             raise UserError(f"{path}: {key} is {raw[key]} but the config says {value}; make them agree")
     raw.pop("train_batch_size", None)  # derived from the two above and the world size
     raw.setdefault("gradient_clipping", 0.0)
-    fp16 = raw.get("fp16", {}).get("enabled", False)
-    if fp16 and raw.get("zero_optimization", {}).get("stage", 0) == 0:
-        raise UserError(f"{path}: fp16 needs zero_optimization.stage >= 1 with deepspeed 0.19.8 (PR #8393)")
+    stage = raw.get("zero_optimization", {}).get("stage", 0)
+    for precision, reason in STAGE_0_REFUSED.items():
+        if raw.get(precision, {}).get("enabled", False) and stage == 0:
+            raise UserError(f"{path}: {precision} needs zero_optimization.stage >= 1: {reason}")
     raw.setdefault("steps_per_print", 1 << 30)
+    raw.setdefault("timers", {"throughput": {"enabled": False}})
     return raw
 
 
@@ -160,7 +188,7 @@ class Engine:
         """load_universal: this engine will load a checkpoint saved on another world size
         (see load_resized)."""
         self.name = name
-        self.ds_config = build_ds_config(config, name)
+        self.ds_config = build_ds_config(config, name, sum(p.numel() for p in model.parameters()))
         if load_universal and partitions_optimizer(self.ds_config):
             # Only then: with a plain optimizer, DeepSpeed's universal load calls ZeRO-only methods.
             self.ds_config["checkpoint"] = {"load_universal": True}
@@ -211,16 +239,41 @@ class Engine:
         if boundary and engine.zero_optimization_stage() == 0 and not engine.fp16_enabled():
             grads = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
             norm = torch.stack(grads).norm() if grads else None
-        engine.step()
-        if boundary and engine.get_global_grad_norm() is not None:
-            norm = engine.get_global_grad_norm()
-        return norm if boundary else None
+        try:
+            engine.step()
+        except Exception as exc:
+            # DeepSpeed's DynamicLossScaler raises a bare Exception when an overflow comes at the
+            # minimum scale (deepspeed/runtime/fp16/loss_scaler.py update_scale, 0.19.8).
+            if "loss scale already at minimum" not in str(exc):
+                raise
+            raise NonFiniteLoss(
+                f"{self.name.upper()}'s fp16 gradients overflowed at the minimum loss scale "
+                f"(deepspeed.fp16_min_loss_scale={self.ds_config['fp16'].get('min_loss_scale')}); training "
+                "diverged. Lower the learning rates, use bf16 or fp32, or enable gradient clipping."
+            ) from None
+        if not boundary or not self.step_applied:
+            return None  # an fp16 update skipped after an overflow: its norm (inf) is no figure
+        return norm if engine.get_global_grad_norm() is None else engine.get_global_grad_norm()
 
-    def compile(self) -> None:
+    @property
+    def step_applied(self) -> bool:
+        """Whether the last step() updated the weights: False after an fp16 overflow (a host-side
+        flag: DeepSpeed has already read the overflow back to decide)."""
+        return self.engine.was_step_applied()
+
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The raw network's forward, never compiled: for the gradient penalties, whose double
+        backward torch.compile's aot_autograd does not support ("torch.compile with aot_autograd
+        does not currently support double backward", torch/_functorch/_aot_autograd). No hooks
+        run either, as with `module` (ZeRO stages 0-2 need none on a raw forward)."""
+        return self.module.forward(x)
+
+    def compile(self, backend: str) -> None:
         """torch.compile the network in place, the way DeepSpeed supports it (engine.compile, which
         calls nn.Module.compile): the engine and `module` both run the compiled forward, and the
-        state dict keeps its keys. Compilation itself happens in the first steps."""
-        self.engine.compile()
+        state dict keeps its keys; `eager_forward` does not. Compilation itself happens in the
+        first steps."""
+        self.engine.compile(backend=backend)
 
     @contextlib.contextmanager
     def frozen(self):
@@ -343,9 +396,7 @@ def state_files(folder: Path, rank: int | None = None) -> list[Path]:
 
 
 def partitions_optimizer(ds_config: dict) -> bool:
-    """Whether each rank saves its own part of the optimizer state: with ZeRO stage 1 or 2. (At
-    stage 0 with bf16 and our client Adam, DeepSpeed wraps it in FP16_UnfusedOptimizer, which
-    saves the whole state with the model, as fp32 at stage 0 does.)"""
+    """Whether each rank saves its own part of the optimizer state: with ZeRO stage 1 or 2."""
     return ds_config.get("zero_optimization", {}).get("stage", 0) > 0
 
 
@@ -375,6 +426,14 @@ def _convert_to_universal(folder: Path, universal: Path) -> None:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its tqdm bars
         ds_to_universal.main(args)
     os.replace(partial, universal)
+
+
+def accelerator():
+    """DeepSpeed's accelerator object (its timers and optimizers call its synchronize()): for
+    pipeline/device_waits.py, which counts those calls."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
 
 
 def compute_dtype(config: Config) -> torch.dtype:

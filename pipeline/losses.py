@@ -44,23 +44,38 @@ def gradient_penalty(
     real: torch.Tensor,
     fake: torch.Tensor,
     generator: torch.Generator,
+    loss_scale: float = 1.0,
 ) -> torch.Tensor:
-    """E[(||grad D(x_hat)||_2 - 1)^2] at random interpolates x_hat = eps*real + (1-eps)*fake.
+    """E[(||grad D(x_hat)||_2 - 1)^2] at random interpolates x_hat = eps*real + (1-eps)*fake, in fp32.
 
     `discriminator` must be D's raw module: autograd.grad through the DeepSpeed engine's
-    forward would fire its backward hooks outside engine.backward (DeepSpeed #7665)."""
+    forward would fire its backward hooks outside engine.backward (DeepSpeed #7665).
+    loss_scale: see input_gradient."""
     eps = torch.rand(real.shape[0], 1, 1, 1, generator=generator, device=real.device, dtype=real.dtype)
     x_hat = (eps * real + (1 - eps) * fake).requires_grad_(True)
-    (grad,) = torch.autograd.grad(discriminator(x_hat).sum(), x_hat, create_graph=True)
+    grad = input_gradient(discriminator, x_hat, loss_scale)
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
-def r1_penalty(discriminator: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor) -> torch.Tensor:
-    """E[||grad_x D(x)||_2^2] over real images x. `discriminator` must be D's raw module, as for
-    gradient_penalty (DeepSpeed #7665)."""
+def r1_penalty(
+    discriminator: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, loss_scale: float = 1.0
+) -> torch.Tensor:
+    """E[||grad_x D(x)||_2^2] over real images x, in fp32. `discriminator` must be D's raw
+    module, as for gradient_penalty (DeepSpeed #7665). loss_scale: see input_gradient."""
     real = real.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(discriminator(real).float().sum(), real, create_graph=True)
-    return grad.float().flatten(1).pow(2).sum(1).mean()
+    return input_gradient(discriminator, real, loss_scale).flatten(1).pow(2).sum(1).mean()
+
+
+def input_gradient(discriminator: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, loss_scale: float):
+    """Each sample's grad_x D(x), in fp32, with a graph for the penalty's own backward.
+
+    In fp16 these gradients underflow unless they are taken scaled: as torch's AMP recipe for
+    gradient penalties does (https://pytorch.org/docs/stable/notes/amp_examples.html, "Gradient
+    penalty"), the gradient is taken of the scaled mean, at the loss scale the backward of
+    the D loss uses (so it overflows exactly when that backward would), and unscaled in fp32."""
+    scaled = discriminator(x).float().mean() * loss_scale  # each sample's gradient is scaled by loss_scale / N
+    (grad,) = torch.autograd.grad(scaled, x, create_graph=True)
+    return grad.float() * (x.shape[0] / loss_scale)
 
 
 def d_confidence(kind: str, logits: torch.Tensor) -> torch.Tensor:

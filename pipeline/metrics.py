@@ -59,7 +59,8 @@ class StepMeans:
         counts = torch.tensor([self.counts[k] for k in keys], dtype=torch.float64, device=self.device)
         packed = torch.cat([torch.stack(local), counts]) if keys else counts
         dist.all_reduce(packed)
-        sums, totals = packed[: len(keys)].tolist(), packed[len(keys) :].tolist()  # the one copy to the host
+        values = packed.tolist()  # the one copy to the host
+        sums, totals = values[: len(keys)], values[len(keys) :]
         seconds = max(time.perf_counter() - self.started, 1e-9)  # after the read: the device work is done
         means = {k: s / n for k, s, n in zip(keys, sums, totals, strict=True)}
         means |= {

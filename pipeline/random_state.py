@@ -25,13 +25,28 @@ def rng_state(step_generator: torch.Generator) -> dict:
         },
         "torch": torch.get_rng_state(),
         "step_generator": step_generator.get_state(),
+        "step_generator_device": step_generator.device.type,
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
+# A CPU generator's state is its Mersenne Twister (5056 bytes); a CUDA one's is Philox's seed
+# and offset (16 bytes). Checkpoints from before step_generator_device are told apart by size.
+CPU_GENERATOR_STATE_BYTES = 5056
+
+
+def saved_device_type(state: dict) -> str:
+    """The device type of the step generator whose state `state` holds: "cpu" or "cuda"."""
+    if "step_generator_device" in state:
+        return state["step_generator_device"]
+    return "cpu" if state["step_generator"].numel() == CPU_GENERATOR_STATE_BYTES else "cuda"
+
+
 def set_rng_state(state: dict, step_generator: torch.Generator) -> None:
+    """Every stream as it was saved. The step generator must be of the saved device type
+    (saved_device_type): a state of another type does not fit it."""
     random.setstate(state["python"])
     n = state["numpy"]
     np.random.set_state(

@@ -27,29 +27,23 @@ from tqdm import tqdm
 
 from pipeline import engines, losses
 from pipeline.checkpoint import Checkpointer, CheckpointParts, latest_checkpoint, read_meta
-from pipeline.config import Config, config_to_yaml
+from pipeline.config import FP16_PENALTY_REFUSED, Config, config_to_yaml
 from pipeline.data.loader import ShardedLoader
 from pipeline.dist import DistInfo
 from pipeline.elastic import Resize, plan_resize, resized_config
 from pipeline.ema import EMA
-from pipeline.errors import EXIT_REQUEUE, PREEMPTION_SIGNALS, Preempted, UserError
+from pipeline.errors import EXIT_REQUEUE, PREEMPTION_SIGNALS, NonFiniteLoss, Preempted, UserError
 from pipeline.export import generate, generator_payload, save_generator
 from pipeline.images import from_uint8, save_grid
 from pipeline.metrics import Divergence, StepMeans, agree
 from pipeline.models import build_pair
-from pipeline.random_state import derive_rng_state, rng_state, set_rng_state
+from pipeline.random_state import derive_rng_state, rng_state, saved_device_type, set_rng_state
 from pipeline.tracking import NullTracker, flatten, make_tracker, safe_overrides, start_system_metrics
 from pipeline.versions import versions
 
 log = logging.getLogger("pipeline.train")
 GENERATOR_EXPORT = "generator.pt"
 FID_LOG = "fid.jsonl"
-
-
-class NonFiniteLoss(UserError):
-    """Training diverged: the losses stayed NaN/inf for max_nonfinite_steps steps."""
-
-    exit_code = 3
 
 
 class PreemptionFlag:
@@ -97,12 +91,14 @@ class Trainer:
             generator, discriminator = build_pair(model)
         self.g_engine = engines.Engine("g", generator, config, load_universal=resize is not None)
         self.d_engine = engines.Engine("d", discriminator, config, load_universal=resize is not None)
+        if self.d_engine.loss_scale is not None and config.loss.has_penalty and model.d_norm == "batch":
+            raise UserError(FP16_PENALTY_REFUSED)  # fp16 from a raw DeepSpeed JSON (the config checks its own)
         self.ema = None
         if config.train.ema:
             self.ema = EMA(self.g_engine.module, config.train.ema_decay, config.train.ema_warmup)
         if config.train.compile:  # after the EMA's deepcopy: a copy of a compiled module would run the original
-            self.g_engine.compile()
-            self.d_engine.compile()
+            self.g_engine.compile(config.train.compile_backend)
+            self.d_engine.compile(config.train.compile_backend)
         # All randomness of a step comes from this per-rank generator: resumable, and distinct per rank.
         self.rng = torch.Generator(self.device).manual_seed(config.seed * 1_000_003 + info.rank + 1)
         fixed = torch.Generator().manual_seed(config.seed)
@@ -147,12 +143,21 @@ class Trainer:
         self.global_step = state["global_step"]
         self.divergence = Divergence(self.device, state["nonfinite_streak"])
         self.loader.load_state_dict(state["loader"])
-        if self.resize is None:
+        saved_device = saved_device_type(state["rng"])
+        if self.resize is None and saved_device == self.device.type:
             set_rng_state(state["rng"], self.rng)
-        else:  # the saved streams were per old rank: derive this rank's anew
+        else:  # the saved streams were per old rank, or another device's: derive this rank's anew
             derive_rng_state(self.config.seed, self.global_step, self.info.rank, self.rng)
-            if not self.info.is_main:
-                self.loader.corrupt_samples = 0  # rank 0's count stays with rank 0
+        if saved_device != self.device.type and self.info.is_main:
+            log.warning(
+                "the checkpoint's random streams are %s's and this run is on %s: they are derived anew from "
+                "(seed, step, rank), so the continuation is not the one the %s run would have taken",
+                saved_device,
+                self.device.type,
+                saved_device,
+            )
+        if self.resize is not None and not self.info.is_main:
+            self.loader.corrupt_samples = 0  # rank 0's count stays with rank 0
 
     # ----------------------------------------------------------------- set-up
     def _check_data_matches_model(self) -> None:
@@ -193,12 +198,15 @@ class Trainer:
         d_fake = self.d_engine(fake).float()
         loss = losses.d_loss(kind, d_real, d_fake)
         penalty = 0.0  # added to what D minimises; loss_D stays the game's value
+        # The penalties differentiate D's input gradient: D's eager forward (a compiled one has
+        # no double backward), and with fp16 that gradient taken at the loss scale.
+        d_eager, scale = self.d_engine.eager_forward, self.d_engine.loss_scale or 1.0
         if kind == "wgan-gp":
-            gp = losses.gradient_penalty(self.d_engine.module, real, fake, self.rng)
-            loss = loss + self.config.loss.gp_weight * gp.float()
+            gp = losses.gradient_penalty(d_eager, real, fake, self.rng, scale)
+            loss = loss + self.config.loss.gp_weight * gp
         r1, every = self.config.loss.r1_gamma, self.config.loss.r1_every
         if r1 and self.global_step % every == 0:
-            penalty = r1 / 2 * every * losses.r1_penalty(self.d_engine.module, real)
+            penalty = r1 / 2 * every * losses.r1_penalty(d_eager, real, scale)
         self.d_engine.backward(loss + penalty)
         norm = self.d_engine.step()
         return {
@@ -239,7 +247,7 @@ class Trainer:
             pixels = batch.images.to(self.device, non_blocking=True)  # uint8 from pinned memory
             d_records.append(self.d_step(from_uint8(pixels, self.dtype, self.config.model.channels_last)))
         g_records = [self.g_step(self.config.data.batch_per_rank) for _ in range(accumulation)]
-        if self.ema is not None:
+        if self.ema is not None and self.g_engine.step_applied:  # fp16 skips an overflowed update
             self.ema.update(self.g_engine.module)
         self.global_step += 1
         figures = _step_figures(d_records) | _step_figures(g_records)

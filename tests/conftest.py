@@ -95,6 +95,29 @@ def dist_single():
     return info
 
 
+def allow_cpu_fp16() -> None:
+    """Tell DeepSpeed's CPU accelerator that fp16 is supported (tests only; see cpu_fp16)."""
+    from pipeline.engines import accelerator
+
+    type(accelerator()).is_fp16_supported = lambda self: True
+
+
+@pytest.fixture
+def cpu_fp16(monkeypatch):
+    """fp16 DeepSpeed engines on this CPU, so the fp16 paths (dynamic loss scaling, skipped
+    updates, the scaler's state in checkpoints) run in the suite.
+
+    DeepSpeed's CPU accelerator reports fp16 as unsupported only because oneDNN's fp16 flag
+    is off on this CPU (CPU_Accelerator.is_fp16_supported asks
+    torch.ops.mkldnn._is_mkldnn_fp16_supported, deepspeed 0.19.8); torch's own CPU kernels
+    run fp16 convolutions, their backward and double backward. This is the one fake of the
+    fp16 tests: the arithmetic is real fp16, but not a GPU's (tensor-core accumulation and
+    speed need a GPU). Child processes get it from PIPELINE_TEST_CPU_FP16=1 (tests/dist_*_job.py)."""
+    from pipeline.engines import accelerator
+
+    monkeypatch.setattr(type(accelerator()), "is_fp16_supported", lambda self: True)
+
+
 def train_overrides(shards, tmp_path, *extra) -> list[str]:
     """A small, quick CPU training config on the MNIST fixture. FID is off (configs/mnist32.yaml
     turns it on for the main job); the FID tests turn it back on in `extra`. So is logging the

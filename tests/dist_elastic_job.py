@@ -6,6 +6,7 @@ Adam step counts of both optimizers as loaded and at the end."""
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -16,7 +17,10 @@ from pipeline.checkpoint import latest_checkpoint
 from pipeline.config import load_config
 from pipeline.dist import detect, teardown
 from pipeline.train import build_trainer
-from tests.conftest import step_losses
+from tests.conftest import allow_cpu_fp16, step_losses
+
+if os.environ.get("PIPELINE_TEST_CPU_FP16") == "1":  # the cpu_fp16 fixture, for this process
+    allow_cpu_fp16()
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
@@ -45,6 +49,14 @@ def adam_steps(engine) -> int:
     return int(next(iter(base.state.values()))["step"])
 
 
+def scaler_state() -> dict:
+    """Each engine's (loss scale, skipped updates): None and a count outside fp16."""
+    return {
+        "g": [trainer.g_engine.loss_scale, trainer.g_engine.skipped_steps],
+        "d": [trainer.d_engine.loss_scale, trainer.d_engine.skipped_steps],
+    }
+
+
 loaded = None
 if checkpoint is not None:
     loaded = {
@@ -52,6 +64,7 @@ if checkpoint is not None:
         "g": matches_checkpoint(trainer.g_engine.module, checkpoint / "g_weights.pt"),
         "d": matches_checkpoint(trainer.d_engine.module, checkpoint / "d_weights.pt"),
         "ema": matches_checkpoint(trainer.ema.model, checkpoint / "ema.pt"),
+        "scaler": scaler_state(),
     }
 start, keys = trainer.global_step, []
 batches = (keys.append(batch.keys) or batch for batch in trainer.loader.forever())
@@ -70,6 +83,7 @@ if info.rank == 0:
         "losses": losses,
         "loaded": loaded,
         "adam_steps_at_end": {"g": adam_steps(trainer.g_engine), "d": adam_steps(trainer.d_engine)},
+        "scaler_at_end": scaler_state(),
         "loader": trainer.loader.state_dict(),
     }
     Path(args.out).write_text(json.dumps(record))

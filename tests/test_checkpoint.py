@@ -216,7 +216,9 @@ def test_export_and_sample_from_a_checkpoint_without_deepspeed(dist_single, mnis
 def test_weight_files_let_export_read_a_run_without_ema(dist_single, mnist_shards, tmp_path):
     """Every checkpoint holds each network's weights as a plain fp32 state dict: `export` and
     `sample` read G's from there when the run kept no EMA, and never open DeepSpeed's files."""
-    trainer = make(dist_single, mnist_shards, tmp_path, "train.ema=false", "deepspeed.precision=bf16")
+    trainer = make(
+        dist_single, mnist_shards, tmp_path, "train.ema=false", "deepspeed.precision=bf16", "deepspeed.zero_stage=1"
+    )
     losses_of(trainer, 1)
     path = trainer.save_checkpoint()
     for network, engine in (("g", trainer.g_engine), ("d", trainer.d_engine)):
@@ -255,3 +257,33 @@ def test_damaged_files_are_named_in_one_line(dist_single, mnist_shards, tmp_path
     result = run_cli("export", "--checkpoint", foreign, "--out", tmp_path / "y.pt")
     assert result.returncode == 2 and f"checkpoint {foreign} is damaged or holds more than tensors" in result.stderr
     assert "weights_only=False" not in result.stderr  # torch's unsafe advice is not repeated
+
+
+@pytest.mark.parametrize("labelled", [True, False], ids=["device-recorded", "older-checkpoint"])
+def test_a_gpu_checkpoint_resumes_on_cpu_with_streams_derived_anew(
+    dist_single, mnist_shards, tmp_path, caplog, labelled
+):
+    """A CUDA generator's state (16 bytes: Philox seed and offset) does not fit a CPU generator
+    (5056 bytes). The rank state says which device its step generator was on (checkpoints from
+    before that are told by the state's size); on another device type this rank's streams are
+    derived from (seed, step, rank), as after a resize, with a warning. No GPU here: the
+    CUDA state is written into a CPU checkpoint's rank file, byte for byte as CUDA's would be."""
+    trainer = make(dist_single, mnist_shards, tmp_path)
+    losses_of(trainer, 1)
+    path = trainer.save_checkpoint()
+    rank_file = path / "client" / "rank_00000.pt"
+    state = torch.load(rank_file, weights_only=True)
+    rng = state["rng"]
+    rng["step_generator"] = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
+    rng["cuda"] = rng["step_generator"].clone()
+    if labelled:
+        rng["step_generator_device"] = "cuda"
+    else:
+        rng.pop("step_generator_device")
+    torch.save(state, rank_file)
+
+    fresh = make(dist_single, mnist_shards, tmp_path)
+    with caplog.at_level("WARNING", logger="pipeline.train"):
+        fresh.resume(path)
+    assert "random streams are cuda's and this run is on cpu" in caplog.text
+    assert all(map(torch.isfinite, torch.tensor(losses_of(fresh, 2)).flatten()))

@@ -33,15 +33,25 @@ def segment(shards, tmp_path, world: int, steps: int, *extra) -> dict:
     )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--master_port", free_port()]
     command = [*torchrun, "--nproc_per_node", world, REPO / "tests/dist_elastic_job.py", out, *overrides]
-    done = run(command, timeout=240, env={"PYTHONPATH": str(REPO)})
+    fp16 = "deepspeed.precision=fp16" in extra
+    done = run(command, timeout=240, env={"PYTHONPATH": str(REPO), "PIPELINE_TEST_CPU_FP16": "1" if fp16 else "0"})
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
 
 
 @pytest.mark.parametrize(
     "precision",
-    [("deepspeed.precision=fp32", "deepspeed.zero_stage=0"), ("deepspeed.precision=bf16", "deepspeed.zero_stage=1")],
-    ids=["zero0-fp32", "zero1-bf16"],
+    [
+        ("deepspeed.precision=fp32", "deepspeed.zero_stage=0"),
+        ("deepspeed.precision=bf16", "deepspeed.zero_stage=1"),
+        # fp16 on this CPU (see conftest.cpu_fp16); 2**20: the first steps overflow, so the
+        # scale and the skip counters have moved before each save.
+        pytest.param(
+            ("deepspeed.precision=fp16", "deepspeed.zero_stage=1", "deepspeed.fp16_initial_scale_power=20"),
+            marks=pytest.mark.slow,
+        ),
+    ],
+    ids=["zero0-fp32", "zero1-bf16", "zero1-fp16"],
 )
 def test_a_run_moves_between_world_sizes_inside_an_epoch(mnist_shards, tmp_path, precision):
     first = segment(mnist_shards, tmp_path, 2, 5, *precision)
@@ -56,8 +66,12 @@ def test_a_run_moves_between_world_sizes_inside_an_epoch(mnist_shards, tmp_path,
     ]
     for earlier, later in ((first, second), (second, third)):  # what was saved is what was loaded
         saved = earlier["adam_steps_at_end"]
-        assert later["loaded"] == {"adam_steps": saved, "g": True, "d": True, "ema": True}
-        assert later["adam_steps_at_end"]["g"] - saved["g"] == len(later["losses"])  # one update a step
+        scaler = earlier["scaler_at_end"]  # the loss scaler too (DeepSpeed's universal load skips it)
+        assert later["loaded"] == {"adam_steps": saved, "g": True, "d": True, "ema": True, "scaler": scaler}
+        skipped = later["scaler_at_end"]["g"][1] - scaler["g"][1]  # fp16 updates skipped after an overflow
+        assert later["adam_steps_at_end"]["g"] - saved["g"] == len(later["losses"]) - skipped  # one update a step
+    if "deepspeed.precision=fp16" in precision:
+        assert first["scaler_at_end"]["g"][1] > 0 and first["scaler_at_end"]["g"][0] < 2**20
     delivered = [key for s in (first, second, third) for rank in s["keys"] for batch in rank for key in batch]
     assert len(delivered) == len(set(delivered)), "a sample was seen twice in one epoch"
     assert len(delivered) == 120 + 120 + 264 and EPOCH - len(delivered) == 272 % GLOBAL_BATCH
