@@ -7,9 +7,12 @@ Which ranks run it: whichever rank writes or reads the file (the callers say whi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
+
+log = logging.getLogger("pipeline.files")
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -24,6 +27,30 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """The records of an append-only JSON-lines log of ours (metrics.jsonl, fid.jsonl: each a
+    record with an integer "step"). A torn last line is the expected trace of a kill during a
+    write: dropped with a warning. Damage anywhere else is a UserError naming file and line."""
+    from pipeline.errors import UserError
+
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with an integer step")
+        except ValueError as exc:
+            if number == len(lines):
+                log.warning("%s: dropped a torn last line (%d bytes), as a kill during a write leaves", path, len(line))
+                continue
+            raise UserError(f"{path}: line {number} is damaged ({exc}); fix or remove that line") from None
+        records.append(record)
+    return records
 
 
 # What torch.load(weights_only=True, map_location="cpu") raises on a file that is damaged or

@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.errors import UserError
+from pipeline.files import read_json_lines
 
 log = logging.getLogger("pipeline.tracking")
 SECRET_WORDS = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
@@ -638,8 +639,7 @@ def sync_records(client, run_id: str, run_dir: Path, up_to_step: int | None = No
     wanted: dict[str, dict[int, float]] = collections.defaultdict(dict)
     for name, rename in (("metrics.jsonl", None), ("fid.jsonl", FID_METRICS)):
         path = Path(run_dir) / name
-        lines = path.read_text().splitlines() if path.exists() else []
-        for record in map(json.loads, filter(None, lines)):
+        for record in read_json_lines(path) if path.exists() else []:
             step = int(record["step"])
             if up_to_step is not None and step > up_to_step:
                 continue

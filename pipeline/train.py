@@ -34,6 +34,7 @@ from pipeline.elastic import Resize, plan_resize, resized_config
 from pipeline.ema import EMA
 from pipeline.errors import EXIT_REQUEUE, PREEMPTION_SIGNALS, NonFiniteLoss, Preempted, UserError
 from pipeline.export import generate, generator_payload, save_generator
+from pipeline.files import read_json_lines, write_bytes_atomic
 from pipeline.images import from_uint8, save_grid
 from pipeline.metrics import Divergence, StepMeans, agree
 from pipeline.models import build_pair
@@ -304,12 +305,13 @@ class Trainer:
         return meta
 
     def _truncate_log(self, path: Path) -> list[dict]:
-        """Rank 0: drop the records of a JSON-lines log written after the resumed step."""
+        """Rank 0: drop the records of a JSON-lines log written after the resumed step, and a
+        torn last line (what a kill mid-write leaves), rewriting the file atomically."""
         if not path.exists():
             return []
-        records = [json.loads(line) for line in path.read_text().splitlines() if line]
+        records = read_json_lines(path)
         kept = [r for r in records if r["step"] <= self.global_step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         return kept
 
     def start_tracking(self, run_id: str | None = None, overrides: list[str] | None = None) -> None:

@@ -283,7 +283,27 @@ def test_a_gpu_checkpoint_resumes_on_cpu_with_streams_derived_anew(
     torch.save(state, rank_file)
 
     fresh = make(dist_single, mnist_shards, tmp_path)
-    with caplog.at_level("WARNING", logger="pipeline.train"):
+    with caplog.at_level("WARNING", logger="pipeline"):
         fresh.resume(path)
     assert "random streams are cuda's and this run is on cpu" in caplog.text
     assert all(map(torch.isfinite, torch.tensor(losses_of(fresh, 2)).flatten()))
+
+
+def test_a_torn_last_log_line_is_dropped_on_resume_and_other_damage_named(dist_single, mnist_shards, tmp_path, caplog):
+    """A kill -9 during a write leaves a torn last line in metrics.jsonl or fid.jsonl: resume
+    drops it with a warning (and the records after the checkpoint), rewriting the file whole.
+    A damaged line elsewhere is the user's to see: one message naming the file and line."""
+    trainer = make(dist_single, mnist_shards, tmp_path)
+    losses_of(trainer, 2)
+    path = trainer.save_checkpoint()
+    metrics = trainer.run_dir / "metrics.jsonl"
+    metrics.write_text(
+        '{"step": 1, "loss_D": 1.0}\n{"step": 2, "loss_D": 0.9}\n{"step": 3, "loss_D": 0.8}\n{"step": 4, "lo'
+    )
+    with caplog.at_level("WARNING", logger="pipeline"):
+        make(dist_single, mnist_shards, tmp_path).resume(path)
+    assert "dropped a torn last line" in caplog.text
+    assert metrics.read_text() == '{"step": 1, "loss_D": 1.0}\n{"step": 2, "loss_D": 0.9}\n'
+    metrics.write_text('{"step": 1, "loss_D": 1.0}\n{"step": 2, "lo\n{"step": 2, "loss_D": 0.9}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl: line 2 is damaged"):
+        make(dist_single, mnist_shards, tmp_path).resume(path)

@@ -263,8 +263,11 @@ def test_end_of_run_waits_a_bounded_time_when_the_server_stays_down(mnist_shards
     client = MlflowClient(mlflow_server.url)
     run_id = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id])[0].info.run_id
     assert len(steps_of(client, run_id)) < 200
+    with open(metrics_file, "a") as f:
+        f.write('{"step": 201, "loss_')  # a torn last line, as a kill during a write leaves one
     synced = run_cli("sync-tracking", tmp_path / "runs" / "d", env=env, timeout=120)
     assert synced.returncode == 0, synced.stderr[-3000:]
+    assert "dropped a torn last line" in synced.stderr
     assert steps_of(client, run_id) == list(range(1, 201)) and steps_of(client, run_id, "D_x") == list(range(1, 201))
     assert [a.path for a in client.list_artifacts(run_id, "images") if "samples+step+200+" in a.path]
     again = run_cli("sync-tracking", tmp_path / "runs" / "d", env=env, timeout=120)
