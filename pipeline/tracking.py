@@ -98,13 +98,21 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def resolve_uri(configured: str | None, run_root: str | Path) -> tuple[str, str | None]:
-    """(tracking URI, artifact location for a new experiment or None to let the server decide)."""
+    """(tracking URI, artifact location for a new experiment or None to let the server decide).
+
+    A local sqlite store keeps its artifacts beside the database (mlartifacts/), wherever the
+    URI comes from: MLflow's own default for an sqlite store is ./mlruns in whatever folder
+    the job runs from, which scatters a run's artifacts over checkouts and working folders.
+    An experiment made before keeps its location, so older runs still open."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
-    if uri:
-        return uri, None
-    root = Path(run_root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}", (root / "mlartifacts").as_uri()
+    if not uri:
+        root = Path(run_root).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and uri != "sqlite:///:memory:":
+        database = Path(uri.removeprefix("sqlite:///").split("?", 1)[0]).resolve()
+        return uri, (database.parent / "mlartifacts").as_uri()
+    return uri, None
 
 
 class NullTracker:

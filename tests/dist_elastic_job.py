@@ -46,7 +46,7 @@ def adam_steps(engine) -> int:
     """Adam's step count as the optimizer holds it (under DeepSpeed's ZeRO/bf16 wrapper, if any)."""
     optimizer = engine.engine.optimizer
     base = getattr(optimizer, "optimizer", optimizer)
-    return int(next(iter(base.state.values()))["step"])
+    return int(next(iter(base.state.values()), {"step": 0})["step"])  # no state before a first applied update
 
 
 def scaler_state() -> dict:

@@ -85,8 +85,10 @@ def test_a_run_moves_between_world_sizes_inside_an_epoch(mnist_shards, tmp_path,
         "corrupt_samples": 0,
     }
     # The losses go on from where they were, not from an untrained pair's (D's starts at 2 ln 2).
+    # Not with fp16: its first segment skips most updates, so its losses barely move (the
+    # loaded weights are compared with the checkpoint's above either way).
     start, end = first["losses"][0][0], first["losses"][-1][0]
-    for later in (second, third):
+    for later in (second, third) if "deepspeed.precision=fp16" not in precision else ():
         assert abs(later["losses"][0][0] - end) < abs(start - end) / 2, (first["losses"], later["losses"])
 
 

@@ -82,6 +82,22 @@ def test_embedded_sqlite_run_has_params_metrics_images_and_artifacts(mnist_shard
     )
 
 
+def test_an_sqlite_uri_keeps_artifacts_beside_its_database_not_in_the_working_folder(mnist_shards, tmp_path):
+    """MLFLOW_TRACKING_URI=sqlite:///... as the README suggests: MLflow's own default would put
+    the artifacts in ./mlruns of whatever folder the job runs from."""
+    store, work = tmp_path / "store", tmp_path / "work"
+    store.mkdir()
+    work.mkdir()
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}"}
+    overrides = train_overrides(mnist_shards, tmp_path, "train.steps=2", "train.run_name=s")
+    result = run_cli("train", *overrides, env=env, cwd=work, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_id = json.loads(result.stdout.strip().splitlines()[-1])["mlflow_run_id"]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert client.get_run(run_id).info.artifact_uri.startswith((store / "mlartifacts").as_uri())
+    assert (store / "mlartifacts").is_dir() and not list(work.iterdir())  # nothing in the working folder
+
+
 def test_system_metrics_are_sampled_per_node_when_asked(mnist_shards, tmp_path):
     """Off by default on CPU; on, MLflow's sampler logs system/NODE/... metrics into the run."""
     result, summary = train(
