@@ -6,7 +6,12 @@ The GPU-only parts of the GPU check (fp16, host-sync counting) run only on a GPU
 import json
 import sys
 
+import pytest
+
 from tests.conftest import REPO, run
+
+# Slow tier: every test here starts processes (launchers, ranks, servers, a cluster).
+pytestmark = pytest.mark.slow
 
 
 def closing_json(stdout: str) -> dict:

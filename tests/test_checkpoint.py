@@ -137,6 +137,7 @@ def test_resume_modes(mnist_shards, tmp_path):
     assert resolve_run(config, "x", "auto")[1] == step
 
 
+@pytest.mark.slow
 def test_kill_during_save_keeps_the_previous_checkpoint_and_resumes_exactly(mnist_shards, tmp_path):
     """SIGKILL the moment a save starts writing; `latest` still names a complete checkpoint,
     and the resumed run's losses equal an uninterrupted run's, step for step."""

@@ -13,11 +13,15 @@ import subprocess
 import time
 
 import psutil
+import pytest
 import torch
 
 from pipeline.dist import free_port
 from pipeline.errors import EXIT_REQUEUE
 from tests.conftest import DEEPSPEED, REPO, child_env, run, train_overrides
+
+# Slow tier: every test here starts processes (launchers, ranks, servers, a cluster).
+pytestmark = pytest.mark.slow
 
 SYNC_EVERY = 4
 

@@ -13,6 +13,9 @@ from pipeline.elastic import Split, plan_resize
 from pipeline.errors import UserError
 from tests.conftest import REPO, run, train_overrides
 
+# Slow tier: every test here starts processes (launchers, ranks, servers, a cluster).
+pytestmark = pytest.mark.slow
+
 EPOCH = 512  # the mnist_shards fixture
 GLOBAL_BATCH = 24
 

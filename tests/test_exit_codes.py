@@ -20,6 +20,9 @@ from tests.conftest import REPO, run_cli
 sys.path.insert(0, str(REPO / "bench"))
 from exit_codes import EXPECTED, run_ending
 
+# Slow tier: every test here starts processes (launchers, ranks, servers, a cluster).
+pytestmark = pytest.mark.slow
+
 REPEATS = 3  # of each ending, single-process
 
 

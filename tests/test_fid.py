@@ -217,6 +217,7 @@ def extractor():
     return inception.InceptionFeatures("cpu")
 
 
+@pytest.mark.slow
 def test_real_mnist_is_closer_to_real_mnist_than_noise_and_the_cache_is_reused(
     extractor, mnist_shards, tmp_path, caplog
 ):
@@ -316,6 +317,7 @@ def fid_run(mnist_shards, tmp_path_factory):
     return tmp / "runs"
 
 
+@pytest.mark.slow
 def test_training_logs_fid_and_keeps_the_best_checkpoint(fid_run):
     from mlflow.tracking import MlflowClient
 
@@ -385,6 +387,7 @@ def test_the_verdict_says_how_good_in_words(ratio, words):
     assert "lower is better" in verdict({"fid": 3.0, "n_generated": 5, "n_reference": 5})
 
 
+@pytest.mark.slow
 def test_standalone_eval_matches_training_on_one_and_two_ranks(fid_run):
     """`pipeline eval` of the step-4 checkpoint reproduces the FID that training logged there,
     in one process and on 2 torchrun ranks (each generating its share)."""

@@ -71,6 +71,7 @@ def test_a_skipped_update_leaves_the_ema_and_the_logged_norms_alone(dist_single,
     assert torch.isfinite(torch.tensor([metrics["grad_norm_G"], metrics["grad_norm_D"]])).all(), metrics
 
 
+@pytest.mark.slow
 def test_overflow_at_the_minimum_loss_scale_is_divergence_exit_3(dist_single, mnist_shards, tmp_path, cpu_fp16):
     """DeepSpeed's loss scaler raises a bare Exception there (loss_scaler.py update_scale): it
     must reach the user as NonFiniteLoss (exit 3, one line), not as a traceback with exit 1."""

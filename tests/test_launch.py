@@ -10,11 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from pipeline.dist import free_port
 from tests.conftest import REPO, child_env, run, run_cli, train_overrides
 
 sys.path.insert(0, str(REPO / "bench"))
 from rank_failure import rank_process
+
+# Slow tier: every test here starts processes (launchers, ranks, servers, a cluster).
+pytestmark = pytest.mark.slow
 
 
 def wrapper_env(**extra) -> dict:

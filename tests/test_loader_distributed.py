@@ -3,7 +3,12 @@
 import json
 import subprocess
 
+import pytest
+
 from tests.conftest import REPO, TORCHRUN_2
+
+# Slow tier: every test here starts processes (launchers, ranks, servers, a cluster).
+pytestmark = pytest.mark.slow
 
 
 def test_two_gloo_ranks_stream_disjoint_equal_epochs(small_shards, tmp_path):

@@ -92,6 +92,7 @@ def store(request, tmp_path):
     yield server.url
 
 
+@pytest.mark.slow
 def test_best_follows_the_lowest_fid_over_runs_and_latest_is_the_newest(store, tmp_path):
     environment = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
     client = MlflowClient(store)
@@ -127,6 +128,7 @@ def test_best_follows_the_lowest_fid_over_runs_and_latest_is_the_newest(store, t
     assert load_in_fresh_python(store, f"models:/{name}@best", tmp_path)["shape"] == [5, 1, 32, 32]
 
 
+@pytest.mark.slow
 def test_a_run_logs_and_registers_its_generator_on_a_real_server(mnist_shards, tmp_path, mlflow_server):
     result = run_cli(
         "train",

@@ -254,6 +254,7 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert replaced.returncode == 0 and load_manifest(tmp_path / "out")["resolution"] == 16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_overwrite_keeps_previous_dataset(tmp_path, sig):
     make_npz(tmp_path / "small.npz", 20)
@@ -301,6 +302,7 @@ def test_interrupted_overwrite_keeps_previous_dataset(tmp_path, sig):
     assert not list((tmp_path / "out").glob(".staging-*"))
 
 
+@pytest.mark.slow
 def test_no_valid_image_and_unknown_source_fail_clearly(tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.png").write_bytes(b"garbage")

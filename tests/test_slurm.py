@@ -17,6 +17,9 @@ import torch
 from pipeline.dist import free_port
 from tests.conftest import REPO, child_env, run_cli, train_overrides
 
+# Slow tier: every test here starts processes (launchers, ranks, servers, a cluster).
+pytestmark = pytest.mark.slow
+
 STEPS = 20
 
 

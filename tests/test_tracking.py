@@ -40,6 +40,7 @@ def steps_of(client, run_id, key="loss_D"):
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
+@pytest.mark.slow
 def test_embedded_sqlite_run_has_params_metrics_images_and_artifacts(mnist_shards, tmp_path):
     result, summary = train(
         mnist_shards,
@@ -82,6 +83,7 @@ def test_embedded_sqlite_run_has_params_metrics_images_and_artifacts(mnist_shard
     )
 
 
+@pytest.mark.slow
 def test_an_sqlite_uri_keeps_artifacts_beside_its_database_not_in_the_working_folder(mnist_shards, tmp_path):
     """MLFLOW_TRACKING_URI=sqlite:///... as the README suggests: MLflow's own default would put
     the artifacts in ./mlruns of whatever folder the job runs from."""
@@ -98,6 +100,7 @@ def test_an_sqlite_uri_keeps_artifacts_beside_its_database_not_in_the_working_fo
     assert (store / "mlartifacts").is_dir() and not list(work.iterdir())  # nothing in the working folder
 
 
+@pytest.mark.slow
 def test_system_metrics_are_sampled_per_node_when_asked(mnist_shards, tmp_path):
     """Off by default on CPU; on, MLflow's sampler logs system/NODE/... metrics into the run."""
     result, summary = train(
@@ -115,6 +118,7 @@ def test_system_metrics_are_sampled_per_node_when_asked(mnist_shards, tmp_path):
         assert f"system/{node}/{name}" in metrics, sorted(metrics)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(mnist_shards, tmp_path):
     first, summary1 = train(mnist_shards, tmp_path, "train.steps=3", "train.run_name=r")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -137,6 +141,7 @@ def test_resume_continues_the_same_run(mnist_shards, tmp_path):
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
+@pytest.mark.slow
 def test_failed_run_is_marked_failed_with_the_error(mnist_shards, tmp_path):
     result, _ = train(
         mnist_shards,
@@ -153,6 +158,7 @@ def test_failed_run_is_marked_failed_with_the_error(mnist_shards, tmp_path):
     assert run.info.status == "FAILED" and "non-finite" in run.data.tags["error"]
 
 
+@pytest.mark.slow
 def test_bad_uri_is_a_clear_error_before_training(mnist_shards, tmp_path):
     result, _ = train(mnist_shards, tmp_path, "tracking.uri=http://127.0.0.1:9", "train.run_name=x", timeout=120)
     assert result.returncode == 2 and "did not answer" in result.stderr and "127.0.0.1:9" in result.stderr
@@ -175,6 +181,7 @@ def test_bad_uri_is_a_clear_error_before_training(mnist_shards, tmp_path):
     assert result.returncode == 2 and "127.0.0.1:9" in result.stderr
 
 
+@pytest.mark.slow
 def test_secrets_never_reach_params_or_tags(mnist_shards, tmp_path):
     assert redact_uri("https://alice:hunter2@host:5000/path?token=abc") == "https://host:5000/path"
     assert safe_params({"db_password": "x", "api_token": "y", "uri": "postgresql://u:p@h/db"}) == {
@@ -195,6 +202,7 @@ def test_secrets_never_reach_params_or_tags(mnist_shards, tmp_path):
     assert run.data.tags["overrides"].endswith("train.run_name=s tracking.tags=***")  # the command line, masked
 
 
+@pytest.mark.slow
 def test_real_server_outage_mid_run_loses_no_metric(mnist_shards, tmp_path, mlflow_server):
     steps = 300
     proc = subprocess.Popen(
@@ -238,6 +246,7 @@ def test_real_server_outage_mid_run_loses_no_metric(mnist_shards, tmp_path, mlfl
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_end_of_run_waits_a_bounded_time_when_the_server_stays_down(mnist_shards, tmp_path, mlflow_server):
     proc = subprocess.Popen(
         [

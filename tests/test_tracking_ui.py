@@ -14,6 +14,9 @@ import pytest
 from pipeline.tracking import UI_MODEL_TRAINING
 from tests.conftest import REPO, run_cli, train_overrides
 
+# Slow tier: every test here starts processes (launchers, ranks, servers, a cluster).
+pytestmark = pytest.mark.slow
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
     "--no-sandbox",

@@ -240,6 +240,7 @@ def test_shape_mismatch_between_data_and_model(dist_single, mnist_shards, tmp_pa
         make_trainer(dist_single, mnist_shards, tmp_path, "model.resolution=64", "model.channels=3")
 
 
+@pytest.mark.slow
 def test_cli_run_writes_run_dir_and_sample_command_reads_it(mnist_shards, tmp_path):
     overrides = train_overrides(mnist_shards, tmp_path, "train.steps=4", "train.sample_every=2", "train.run_name=r")
     result = run_cli("train", "--config", REPO / "configs/mnist32.yaml", *overrides, timeout=300)
@@ -276,6 +277,7 @@ def test_cli_run_writes_run_dir_and_sample_command_reads_it(mnist_shards, tmp_pa
     assert payload["ema"] and payload["step"] == 4 and generator(torch.randn(2, 100)).shape == (2, 1, 32, 32)
 
 
+@pytest.mark.slow
 def test_divergence_stops_after_k_nonfinite_steps(mnist_shards, tmp_path):
     overrides = train_overrides(
         mnist_shards,

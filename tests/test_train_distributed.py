@@ -8,6 +8,9 @@ import pytest
 from pipeline.dist import free_port
 from tests.conftest import DEEPSPEED, REPO, TORCHRUN_2, run, train_overrides
 
+# Slow tier: every test here starts processes (launchers, ranks, servers, a cluster).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def warm_ops(dist_single):
