@@ -18,6 +18,7 @@ What a user gets (MLflow 3.17):
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -107,10 +108,28 @@ def register(client, name: str, model_info, run_id: str, tags: dict[str, str]):
         version = client.create_model_version(
             name, source=model_info.model_uri, run_id=run_id, tags=tags, model_id=model_info.model_id
         )
+    link_logged_model(client, model_info.model_id, version)
     best = best_version(client, name)
     if best is not None:
         client.set_registered_model_alias(name, BEST_ALIAS, best.version)
     return version
+
+
+def link_logged_model(client, model_id: str, version) -> None:
+    """Tell the logged model which registry versions it became, as mlflow.register_model does
+    (mlflow/tracking/_model_registry/fluent.py, _register_model, MLflow 3.17): the UI reads
+    the `mlflow.modelVersions` tag to show a logged model as registered ("Model versions" on its
+    page, "Registered models" in its run's table); without it, the model offers "Register
+    model" again. register_model itself is not used: from a models:/ URI it would create the
+    version without its run."""
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    existing = client.get_logged_model(model_id).tags.get(MLFLOW_MODEL_VERSIONS)
+    versions = json.loads(existing) if existing else []
+    if any((v["name"], str(v["version"])) == (version.name, str(version.version)) for v in versions):
+        return  # an mlflow server links it itself when it creates the version
+    versions.append({"name": version.name, "version": version.version})
+    client.set_logged_model_tags(model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(versions)})
 
 
 def best_version(client, name: str):

@@ -118,6 +118,9 @@ def test_best_follows_the_lowest_fid_over_runs_and_latest_is_the_newest(store, t
     assert version.run_id == runs[1] and version.tags["fid"] == "30.5" and version.tags["step"] == "10"
     logged = client.get_logged_model(version.source.removeprefix("models:/"))
     assert logged.source_run_id == runs[1] and logged.experiment_id == experiment  # the run's, not Default
+    # The logged model knows its registry version, as the UI reads it (not "Not registered").
+    linked = json.loads(logged.tags["mlflow.modelVersions"])
+    assert [(v["name"], str(v["version"])) for v in linked] == [(name, "3")]
 
     # Logging left no store or experiment behind in this process's environment (its children inherit it).
     assert {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")} == environment
