@@ -38,7 +38,13 @@ class StepMeans:
         self.sums: dict[str, torch.Tensor | float] = {}
         self.counts: dict[str, int] = {}
         self.steps, self.images, self.data_wait_s = 0, 0, 0.0
+        self.excluded_s = 0.0  # checkpoints and evaluations in the window: not training
         self.started = time.perf_counter()
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of work between steps (a checkpoint, an FID evaluation) out of the
+        window's speed: they are timed under their own names, not as slow steps."""
+        self.excluded_s += seconds
 
     def add(self, values: dict, images: int, data_wait_s: float) -> None:
         for key, value in values.items():
@@ -61,7 +67,8 @@ class StepMeans:
         dist.all_reduce(packed)
         values = packed.tolist()  # the one copy to the host
         sums, totals = values[: len(keys)], values[len(keys) :]
-        seconds = max(time.perf_counter() - self.started, 1e-9)  # after the read: the device work is done
+        # After the read: the device work is done. Checkpoints and evaluations do not count.
+        seconds = max(time.perf_counter() - self.started - self.excluded_s, 1e-9)
         means = {k: s / n for k, s, n in zip(keys, sums, totals, strict=True)}
         means |= {
             "images_per_s": self.images * world_size / seconds,

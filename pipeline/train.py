@@ -401,11 +401,15 @@ class Trainer:
             )
 
     def save_checkpoint(self) -> Path:
+        """All ranks. Its time is left out of the logging window's speed and logged as checkpoint_seconds."""
+        started = time.perf_counter()
         meta = {"epoch": self.loader.epoch, "tracking_run_id": self.tracker.run_id}
         path = self.checkpointer.save(self.global_step, self.checkpoint_parts, meta)
         if self.info.is_main:
             log.info("checkpoint %s (%.1f s)", path, self.checkpointer.last_save_seconds)
             self.tracker.set_tags({"checkpoint.latest": str(path.resolve()), "checkpoint.step": self.global_step})
+            self.tracker.log_metrics({"checkpoint_seconds": self.checkpointer.last_save_seconds}, self.global_step)
+        self.window.exclude(time.perf_counter() - started)
         return path
 
     def train(self) -> dict:
@@ -449,7 +453,9 @@ class Trainer:
         """All ranks generate and extract their share; rank 0 records the result and marks the
         checkpoint of this step as best when its FID is the lowest so far. The checkpoint is
         saved before the (long) evaluation, so a kill during it loses nothing."""
+        started = time.perf_counter()
         result = self.fid(self.sampling_generator())
+        self.window.exclude(time.perf_counter() - started)  # logged as fid_seconds, not as a slow step
         self.last_fid = result | {"step": self.global_step}
         if self.info.is_main:
             record = {"step": self.global_step, "checkpoint": checkpoint.name, **result}
@@ -517,6 +523,8 @@ class Trainer:
                 if self._due(train.sample_every):
                     self.tracker.log_image(self.save_samples(), "samples", self.global_step)
 
+            if self.global_step == 0:  # the grid before training: MLflow's image card opens on a step that has one
+                self.tracker.log_image(self.save_samples(), "samples", 0)
             try:
                 yield record
             finally:

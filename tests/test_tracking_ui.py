@@ -78,12 +78,19 @@ def test_mlflow_ui_shows_the_sweep_loss_charts_sample_images_and_the_registered_
             page.get_by_text("Model metrics", exact=True).first.click(timeout=60_000)
             page.get_by_text("loss_D", exact=True).first.wait_for(timeout=60_000)
             page.get_by_text("loss_G", exact=True).first.wait_for(timeout=30_000)
-            # The image card's step slider starts before the first logged step ("No image logged
-            # at this step"): move it to the last step, as a user would, and see the grid.
+            # The image card opens on its first step, 0: a grid is logged there (the untrained G),
+            # so it never opens on "No image logged at this step". Then the last step, as a user would.
             card = page.locator("[data-testid='experiment-view-compare-runs-card']").filter(
                 has=page.locator("h4[title='samples']")
             )
             card.scroll_into_view_if_needed(timeout=60_000)
+            assert card.get_by_role("slider").get_attribute("aria-valuenow") == "0"
+            first = card.locator("img").first
+            first.wait_for(timeout=60_000)
+            page.wait_for_function(
+                "img => img.complete && img.naturalWidth > 0", arg=first.element_handle(), timeout=30_000
+            )
+            assert card.get_by_text("No image logged at this step").count() == 0
             track = card.locator(".TRACK").bounding_box()
             page.mouse.click(track["x"] + track["width"] - 1, track["y"] + track["height"] / 2)
             assert card.get_by_role("slider").get_attribute("aria-valuenow") == "4"

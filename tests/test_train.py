@@ -246,7 +246,8 @@ def test_cli_run_writes_run_dir_and_sample_command_reads_it(mnist_shards, tmp_pa
     result = run_cli("train", "--config", REPO / "configs/mnist32.yaml", *overrides, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "runs" / "r"
-    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    grids = ["step_0000000.png", "step_0000002.png", "step_0000004.png"]  # step 0: the untrained G
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == grids
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for key in (
@@ -352,3 +353,21 @@ def test_zero_buckets_are_sized_from_the_network(dist_single, mnist_shards, tmp_
         assert optimizer.reduce_bucket_size == zero["reduce_bucket_size"]
         buffers = [b for bucket in optimizer.ipg_buckets.values() for b in bucket.buffer]
         assert all(b.numel() <= zero["reduce_bucket_size"] for b in buffers)
+
+
+def test_checkpoints_are_not_counted_as_training_time(dist_single, mnist_shards, tmp_path):
+    """The logging window's speed leaves out a checkpoint saved inside it (the same holds for an
+    FID evaluation): one logged point used to show an evaluation's seconds as one slow step."""
+    import time
+
+    trainer = make_trainer(dist_single, mnist_shards, tmp_path)
+    batches = trainer.loader.forever()
+    trainer.train_step(batches)
+    trainer.read_metrics()  # a fresh window starts
+    started = time.perf_counter()
+    trainer.train_step(batches)
+    trainer.save_checkpoint()
+    metrics = trainer.read_metrics()
+    elapsed = time.perf_counter() - started
+    saving = trainer.checkpointer.last_save_seconds
+    assert saving > 0 and metrics["step_time_s"] <= elapsed - saving + 1e-3, (metrics["step_time_s"], elapsed, saving)
