@@ -132,7 +132,7 @@ def main():
         overhead = on_s / off_s - 1
         cpu_s = statistics.median(cpu)
         cpu_share = cpu_s / off_s
-        delivered = len(tracker.client.get_metric_history(tracker.run_id, "loss_D"))
+        delivered = len(tracker.client.get_metric_history(tracker.run_id, "train/loss_D"))
         print(
             f"step time: tracking off {off_s * 1000:.1f} ms, on {on_s * 1000:.1f} ms; overhead {overhead * 100:+.2f}% "
             f"(goal <= 2%); {delivered} loss_D points delivered"

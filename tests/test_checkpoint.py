@@ -174,7 +174,7 @@ def test_kill_during_save_keeps_the_previous_checkpoint_and_resumes_exactly(mnis
 
     def per_step(name):
         lines = (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines()
-        return [(r["step"], r["loss_D"], r["loss_G"]) for r in map(json.loads, lines)]
+        return [(r["step"], r["train/loss_D"], r["train/loss_G"]) for r in map(json.loads, lines)]
 
     assert per_step("killed") == per_step("straight")
     assert not list((run_dir / "checkpoints").glob("*.tmp"))

@@ -45,7 +45,7 @@ def launch_command(shards, tmp_path, name, steps, *extra):
 
 def per_step(run_dir):
     return [
-        (r["step"], r["loss_D"], r["loss_G"])
+        (r["step"], r["train/loss_D"], r["train/loss_G"])
         for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
     ]
 
@@ -121,7 +121,7 @@ def test_signal_to_one_rank_checkpoints_all_and_requeues(dist_single, mnist_shar
     )
     after = client.get_run(preempted.info.run_id)  # the same MLflow run continued, and finished
     assert after.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(after.info.run_id, "loss_D")] == list(range(1, steps + 1))
+    assert [m.step for m in client.get_metric_history(after.info.run_id, "train/loss_D")] == list(range(1, steps + 1))
     straight = run(launch_command(mnist_shards, tmp_path, "straight", steps, *extra), timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]
     straight_dir = tmp_path / "runs" / "straight"

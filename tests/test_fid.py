@@ -332,9 +332,9 @@ def test_training_logs_fid_and_keeps_the_best_checkpoint(fid_run):
 
     client = MlflowClient(f"sqlite:///{fid_run / 'mlflow.db'}")
     run_id = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id])[0].info.run_id
-    history = client.get_metric_history(run_id, "fid")
+    history = client.get_metric_history(run_id, "eval/fid")
     assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["fid"])) for r in records]
-    assert len(client.get_metric_history(run_id, "kid")) == 2
+    assert len(client.get_metric_history(run_id, "eval/kid")) == 2
     tags = client.get_run(run_id).data.tags
     assert json.loads(tags["fid.protocol"])["weights_sha256"] == inception.WEIGHTS_SHA256
     assert tags["fid.n_reference"] == "16" and tags["best_fid_step"] == str(best["step"])
@@ -370,7 +370,7 @@ def test_every_fid_is_reported_against_the_real_vs_real_floor(fid_run):
     assert all(r["fid_over_floor"] == pytest.approx(r["fid"] / floor) for r in records)
     client = MlflowClient(f"sqlite:///{fid_run / 'mlflow.db'}")
     run_id = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id])[0].info.run_id
-    assert [m.value for m in client.get_metric_history(run_id, "fid_floor")] == [pytest.approx(floor)] * 2
+    assert [m.value for m in client.get_metric_history(run_id, "eval/fid_floor")] == [pytest.approx(floor)] * 2
     last = (fid_run / "stdout.txt").read_text().strip().splitlines()[-1]
     assert last.startswith(f"step 4: FID {records[-1]['fid']:.1f} (12 generated vs 16 reference images)")
     assert f"score {floor:.1f} against the same reference" in last

@@ -149,7 +149,7 @@ def test_sbatch_two_nodes_maps_ranks_trains_checkpoints_and_tracks(straight):
     assert run.info.status == "FINISHED"
     assert run.data.params["world_size"] == "4" and run.data.params["nodes"] == "2"
     assert run.data.params["launcher"] == "srun"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_D")] == list(range(1, STEPS + 1))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_D")] == list(range(1, STEPS + 1))
 
 
 def test_each_node_samples_system_metrics_into_the_one_run_on_a_server(cluster, mnist_shards, tmp_path, mlflow_server):
@@ -236,7 +236,7 @@ def test_preempted_job_checkpoints_requeues_resumes_and_matches_the_straight_run
 
     client, run = mlflow_run(tmp_path / "runs")  # one run, continued after the requeue
     assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_D")] == list(range(1, STEPS + 1))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_D")] == list(range(1, STEPS + 1))
     start = timeline["submit"]
     print(
         "slurm timeline (s after submit):",
@@ -275,9 +275,9 @@ def test_a_requeued_job_cut_to_one_node_resumes_in_the_same_run(cluster, mnist_s
     client, run = mlflow_run(tmp_path / "runs")  # one run, continued on the new world size
     assert run.info.status == "FINISHED"
     assert run.data.tags["world_size"] == "2" and run.data.tags["world_size_changed_at_step"] == str(stopped_at)
-    history = client.get_metric_history(run.info.run_id, "world_size")
+    history = client.get_metric_history(run.info.run_id, "train/world_size")
     assert sorted((m.step, m.value) for m in history) == [(0, 4.0), (stopped_at, 2.0)]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss_D")] == list(range(1, STEPS + 1))
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss_D")] == list(range(1, STEPS + 1))
 
 
 @pytest.mark.parametrize(
@@ -331,13 +331,15 @@ def test_sweep_array_runs_one_training_per_line_as_children_of_one_parent_run(cl
     for task, child in enumerate(runs[f"dcgan-sweep-{job}_{t}"] for t in (0, 1)):
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert f"seed={task + 1} train.steps={task + 2}" in child.data.tags["overrides"]
-    best = min(runs.values(), key=lambda r: r.data.metrics["best_fid"])
-    assert parent.data.metrics["best_fid"] == best.data.metrics["best_fid"]
+    best = min(runs.values(), key=lambda r: r.data.metrics["eval/best_fid"])
+    assert parent.data.metrics["eval/best_fid"] == best.data.metrics["eval/best_fid"]
     assert parent.data.tags["best_child"] == best.info.run_name and parent.info.status == "FINISHED"
     compared = run_cli("runs", "compare", f"dcgan-sweep-{job}", "--run-root", tmp_path / "runs", "--json")
     assert compared.returncode == 0, compared.stderr[-2000:]
     table = json.loads(compared.stdout)
-    assert [row["run"] for row in table["children"]] == sorted(runs, key=lambda n: runs[n].data.metrics["best_fid"])
+    assert [row["run"] for row in table["children"]] == sorted(
+        runs, key=lambda n: runs[n].data.metrics["eval/best_fid"]
+    )
     assert table["differing_params"] == ["seed", "train.steps"]
     rows = {(row["seed"], row["train.steps"], row["step"]) for row in table["children"]}
     assert rows == {("1", "2", 2), ("2", "3", 3)}

@@ -5,6 +5,7 @@ sees its versions and the `best` alias."""
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -78,6 +79,9 @@ def test_mlflow_ui_shows_the_sweep_loss_charts_sample_images_and_the_registered_
             page.get_by_text("Model metrics", exact=True).first.click(timeout=60_000)
             page.get_by_text("loss_D", exact=True).first.wait_for(timeout=60_000)
             page.get_by_text("loss_G", exact=True).first.wait_for(timeout=30_000)
+            # One chart section per prefix (pipeline/metric_names.py), not one flat list.
+            for section in ("train", "eval", "perf", "data"):
+                page.get_by_text(re.compile(rf"^{section}\s*\(\d+\)$")).first.wait_for(timeout=30_000)
             # The image card opens on its first step, 0: a grid is logged there (the untrained G),
             # so it never opens on "No image logged at this step". Then the last step, as a user would.
             card = page.locator("[data-testid='experiment-view-compare-runs-card']").filter(

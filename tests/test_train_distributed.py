@@ -75,7 +75,7 @@ def test_torchrun_and_deepspeed_runs_agree_and_records_are_means_over_their_step
     assert [r["step"] for r in every_step] == [1, 2, 3, 4, 5, 6] and [r["steps_in_mean"] for r in every_step] == [1] * 6
     assert [r["step"] for r in windows] == [3, 6] and [r["steps_in_mean"] for r in windows] == [3, 3]
     for window, steps in zip(windows, (every_step[:3], every_step[3:]), strict=True):
-        for key in ("loss_D", "loss_G", "D_x", "D_G_z", "grad_norm_D", "grad_norm_G"):
+        for key in (f"train/{k}" for k in ("loss_D", "loss_G", "D_x", "D_G_z", "grad_norm_D", "grad_norm_G")):
             assert window[key] == pytest.approx(sum(r[key] for r in steps) / 3, rel=1e-9, abs=1e-12), key
     # DeepSpeed's CPU shm all-reduce segments are gone after the run (it never unlinks them itself).
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
