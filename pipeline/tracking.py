@@ -35,6 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pipeline.errors import UserError
 from pipeline.files import read_json_lines
+from pipeline.metric_names import BEST_FID, RECORD_ONLY, SECTIONED, run_metric, sectioned
 
 log = logging.getLogger("pipeline.tracking")
 SECRET_WORDS = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
@@ -137,6 +138,23 @@ class NullTracker:
 
     def where(self) -> None:
         return None
+
+
+def serve_command(store_uri: str, port: int = 5000) -> str:
+    """The command that serves a local store's UI: the project's lean server (one worker, no job
+    processes: it answers in about 12 s on 2 cores), or where the package runs without its
+    checkout, `mlflow ui` with the same settings. Plain `mlflow ui` starts 4 web workers and
+    8 job processes and took about 40 s to answer on 2 cores."""
+    script = Path(__file__).resolve().parents[1] / "launch" / "mlflow_server.sh"
+    artifacts = resolve_uri(store_uri, ".")[1]
+    if script.is_file() and artifacts is not None:
+        return (
+            f"bash {script} --backend-store-uri {store_uri} "
+            f"--artifacts-destination {urlsplit(artifacts).path} --port {port}"
+        )
+    return (
+        f"MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --workers 1 --backend-store-uri {store_uri} --port {port}"
+    )
 
 
 @contextlib.contextmanager
@@ -291,13 +309,15 @@ class MlflowTracker:
     def where(self) -> str:
         """One line: how to see this run in the MLflow UI (the URL, after the command that serves
         a local store)."""
+        experiment = f"#/experiments/{self.experiment_id}?{UI_MODEL_TRAINING}"  # opens on its runs
         page = f"#/experiments/{self.experiment_id}/runs/{self.run_id}?{UI_MODEL_TRAINING}"
         model = f"; generator: mlflow.pytorch.load_model('{self.model_uri}')" if self.model_uri else ""
         if urlsplit(self.uri).scheme in ("http", "https"):
-            return f"MLflow run: {self.shown_uri.rstrip('/')}/{page}{model}"
+            base = self.shown_uri.rstrip("/")
+            return f"MLflow run: {base}/{page} (its experiment's runs: {base}/{experiment}){model}"
         return (
-            f"MLflow UI: mlflow ui --backend-store-uri {self.shown_uri} --port 5000, then http://127.0.0.1:5000/{page}"
-            f"{model}"
+            f"MLflow UI: {serve_command(self.shown_uri)}, then http://127.0.0.1:5000/{experiment} "
+            f"(this run: http://127.0.0.1:5000/{page}){model}"
         )
 
     def _put(self, op: tuple) -> None:
@@ -326,11 +346,16 @@ class MlflowTracker:
             self._put(("params", dict(items[start : start + PARAM_BATCH_LIMIT])))
 
     def log_metrics(self, metrics: dict, step: int) -> None:
+        """Figures under plain names (loss_D) or sectioned ones; MLflow gets the sectioned
+        names (pipeline/metric_names.py), without the record-only ones."""
         now = int(time.time() * 1000)
         values = [
             (k, float(v), now, step)
-            for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))
+            for k, v in sectioned(metrics).items()
+            if k not in RECORD_ONLY
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+            and not math.isnan(float(v))
         ]
         if values:
             self._put(("metrics", values))
@@ -536,7 +561,7 @@ def _is_client_error(exc: Exception) -> bool:
     return code in ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_ALREADY_EXISTS", "INVALID_STATE")
 
 
-# How fid.jsonl's fields are named as MLflow metrics (Trainer.evaluate_fid logs them so).
+# How fid.jsonl's fields are named as metrics (Trainer.evaluate_fid logs them so).
 FID_METRICS = {
     "fid": "fid",
     "kid": "kid",
@@ -563,7 +588,9 @@ def update_parent(client, experiment_id: str, parent_run_id: str, name: str) -> 
     from mlflow.entities import Metric, RunTag
 
     children = sweep_runs(client, experiment_id, name, "child")
-    scored = [(c.data.metrics["best_fid"], c.info.start_time, c) for c in children if "best_fid" in c.data.metrics]
+    scored = [
+        (fid, c.info.start_time, c) for c in children if (fid := run_metric(c.data.metrics, "best_fid")) is not None
+    ]
     if scored:
         fid, _, best = min(scored, key=lambda item: item[:2])
         tags = {
@@ -571,7 +598,7 @@ def update_parent(client, experiment_id: str, parent_run_id: str, name: str) -> 
             "best_child": best.info.run_name,
             "best_child_overrides": best.data.tags.get("overrides", ""),
         }
-        metric = Metric("best_fid", fid, int(time.time() * 1000), 0)
+        metric = Metric(BEST_FID, fid, int(time.time() * 1000), 0)
         client.log_batch(parent_run_id, metrics=[metric], tags=[RunTag(k, v) for k, v in tags.items()])
     running = any(c.info.status in ("RUNNING", "SCHEDULED") for c in children)
     status = client.get_run(parent_run_id).info.status
@@ -597,8 +624,8 @@ def compare_sweep(client, experiment_id: str, name: str) -> dict:
             "run_id": c.info.run_id,
             "status": c.info.status,
             "step": int(c.data.tags["checkpoint.step"]) if "checkpoint.step" in c.data.tags else None,
-            "best_fid": c.data.metrics.get("best_fid"),
-            "fid": c.data.metrics.get("fid"),
+            "best_fid": run_metric(c.data.metrics, "best_fid"),
+            "fid": run_metric(c.data.metrics, "fid"),
             "overrides": c.data.tags.get("overrides", ""),
             **{k.removeprefix("config."): c.data.params.get(k) for k in differing},
         }
@@ -653,8 +680,9 @@ def sync_records(client, run_id: str, run_dir: Path, up_to_step: int | None = No
                 continue
             for key, value in record.items():
                 key = rename.get(key) if rename is not None else key
+                key = SECTIONED.get(key, key)  # a run folder from before the sections
                 number = isinstance(value, (int, float)) and not isinstance(value, bool)
-                if key and key != "step" and number and not math.isnan(float(value)):
+                if key and key not in ("step", *RECORD_ONLY) and number and not math.isnan(float(value)):
                     wanted[key][step] = float(value)
     now = int(time.time() * 1000)
     missing = []

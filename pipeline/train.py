@@ -36,6 +36,7 @@ from pipeline.errors import EXIT_REQUEUE, PREEMPTION_SIGNALS, NonFiniteLoss, Pre
 from pipeline.export import generate, generator_payload, save_generator
 from pipeline.files import read_json_lines, write_bytes_atomic
 from pipeline.images import from_uint8, save_grid
+from pipeline.metric_names import sectioned
 from pipeline.metrics import Divergence, StepMeans, agree
 from pipeline.models import build_pair
 from pipeline.random_state import derive_rng_state, rng_state, saved_device_type, set_rng_state
@@ -314,17 +315,27 @@ class Trainer:
         write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
         return kept
 
-    def start_tracking(self, run_id: str | None = None, overrides: list[str] | None = None) -> None:
+    def start_tracking(
+        self, run_id: str | None = None, overrides: list[str] | None = None, config_name: str | None = None
+    ) -> None:
         """Rank 0: open the MLflow run (the checkpoint's run when resuming) and log the set-up.
-        overrides: the command line's KEY=VALUE words, kept as the tag `overrides`."""
+        overrides: the command line's KEY=VALUE words, kept as the tag `overrides`; with
+        config_name they name the run unless tracking.run_name or train.run_name does."""
         if not self.info.is_main:
             return
         tracking = self.config.tracking
-        tags = {"run_dir": str(self.run_dir.resolve()), "launcher": self.info.launcher, **tracking.tags}
+        found = versions()
+        tags = {
+            "run_dir": str(self.run_dir.resolve()),
+            "launcher": self.info.launcher,
+            **identity_tags(self.config, self.info, found.get("git_commit"), overrides or []),
+            **tracking.tags,
+        }
         if overrides:
             tags["overrides"] = safe_overrides(overrides)  # safe_params then drops credentials in URLs
+        named = config_name is not None and not self.config.train.run_name
         self.tracker.start(
-            tracking.run_name or self.run_dir.name,
+            tracking.run_name or (run_title(config_name, overrides or []) if named else self.run_dir.name),
             run_id=run_id,
             tags=tags,
             system_metrics=system_metrics_on(tracking, self.device),
@@ -351,7 +362,6 @@ class Trainer:
                 self.tracker.log_metrics({"world_size": self.info.world_size}, self.global_step)
             return
         manifest = self.loader.manifest or {}
-        found = versions()
         commit = found.pop("git_commit", None)
         params = {
             **flatten(self.config.model_dump(mode="json"), "config."),
@@ -378,10 +388,10 @@ class Trainer:
         """(name, digest, source) of the training data as MLflow records it."""
         data, manifest = self.config.data, self.loader.manifest
         if manifest is not None:
-            return Path(manifest["_path"]).parent.name, manifest["_hash"], str(manifest["_path"])
+            return dataset_name(str(manifest["_path"]), data.split), manifest["_hash"], str(manifest["_path"])
         # a URL pattern: identified by its shards and their sample counts
         listing = json.dumps(list(zip(self.loader.urls, self.loader.layout.counts, strict=True)))
-        return Path(data.shards).name, hashlib.sha256(listing.encode()).hexdigest(), data.shards
+        return dataset_name(data.shards, data.split), hashlib.sha256(listing.encode()).hexdigest(), data.shards
 
     def _log_datasets(self) -> None:
         """Rank 0: the training data, and the FID reference set, as MLflow dataset inputs."""
@@ -393,7 +403,7 @@ class Trainer:
         if self.fid is not None:
             reference = self.fid.reference.describe
             self.tracker.log_dataset(
-                Path(reference["source"]).name,
+                dataset_name(reference["source"], reference.get("split")),
                 reference.get("manifest_sha256") or hashlib.sha256(reference["source"].encode()).hexdigest(),
                 reference["source"],
                 "evaluation",
@@ -516,7 +526,7 @@ class Trainer:
                 bar.update(1)
                 if metrics is not None:
                     bar.set_postfix_str(_progress(metrics), refresh=False)
-                    metrics_file.write(json.dumps({"step": self.global_step, **metrics}) + "\n")
+                    metrics_file.write(json.dumps({"step": self.global_step, **sectioned(metrics)}) + "\n")
                     metrics_file.flush()
                     self.tracker.log_metrics(metrics, self.global_step)
                     log.info("step %d/%d %s", self.global_step, train.steps, _progress(metrics))
@@ -557,6 +567,55 @@ class Trainer:
         return save_generator(
             path, self.sampling_generator(), self.config.model, self.global_step, self.ema is not None
         )
+
+
+def dataset_name(source: str, split: str | None) -> str:
+    """How a dataset input is named in MLflow, for training and evaluation alike: the folder of
+    its manifest (or the shard pattern's file name) and the split, e.g. `mnist32_test:train`."""
+    path = Path(source)
+    name = path.parent.name if path.name == "manifest.json" else path.name
+    return f"{name}:{split}" if split else name
+
+
+# Overrides that say where or how a run goes, not what it trains: left out of its name.
+PLUMBING = ("tracking.", "train.run_", "train.progress", "train.device", "data.shards", "data.workers", "data.prefetch")
+
+
+def run_title(config_name: str, overrides: list[str]) -> str:
+    """The MLflow run name: the config's name and the overrides that change what it trains, keys
+    without their section (`mnist32 g_optim.lr=1e-3 seed=1`), so runs read apart in the UI's
+    narrow legends where a timestamped folder name was cut to `mnist32-20261...`."""
+    changes = [o for o in overrides if "=" in o and not o.startswith(PLUMBING)]
+    short = [o.split(".", 1)[1] if o.split("=", 1)[0].count(".") else o for o in changes]
+    return " ".join([config_name, *safe_overrides(short).split()])[:250]
+
+
+def identity_tags(config: Config, info: DistInfo, commit: str | None, overrides: list[str]) -> dict:
+    """MLflow's own tags for who ran what, which fill the UI's "Created by" and "Source", and the
+    run's one-line description (mlflow.note.content)."""
+    import getpass
+    import sys
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for this uid in some containers
+        user = None
+    m, ds = config.model, config.deepspeed
+    description = (
+        f"{m.arch.upper()} {m.resolution}x{m.resolution}x{m.channels} on {config.data.shards}, "
+        f"{config.loss.kind} loss, {ds.precision} ZeRO-{ds.zero_stage}, {info.world_size} rank(s), "
+        f"{config.train.steps} steps"
+    )
+    tags = {
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.name": " ".join(["pipeline", *sys.argv[1:2]]) or "pipeline",
+        "mlflow.note.content": description,
+    }
+    if user:
+        tags["mlflow.user"] = user
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
 
 
 def _step_figures(records: list[dict]) -> dict:
@@ -690,7 +749,7 @@ def run_training(config: Config, config_name: str, resume: str = "none", overrid
     run_dir, checkpoint = decision[0]
     with run_log(run_dir, info.is_main):
         trainer, meta = build_trainer(config, info, run_dir, checkpoint, tracker)
-        trainer.start_tracking(meta.get("tracking_run_id"), overrides)
+        trainer.start_tracking(meta.get("tracking_run_id"), overrides, config_name)
         sampler = start_node_sampler(config.tracking, info, tracker)
         try:  # the tracker's end state; the CLI's teardown destroys the process group on every path
             metrics = trainer.train()

@@ -36,7 +36,7 @@ def logged_at(line: str) -> float:
     return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
 
 
-def steps_of(client, run_id, key="loss_D"):
+def steps_of(client, run_id, key="train/loss_D"):
     return [m.step for m in client.get_metric_history(run_id, key)]
 
 
@@ -60,8 +60,21 @@ def test_embedded_sqlite_run_has_params_metrics_images_and_artifacts(mnist_shard
     assert params["ds_d.gradient_clipping"] == "0.0" and params["version.deepspeed"] == "0.19.8"
     assert len(params["data.manifest_sha256"]) == 64 and params["data.count"] == "512"
     assert run.data.tags["team"] == "gan" and run.data.tags["checkpoint.latest"].endswith("step_0000006")
-    for key in ("loss_D", "loss_G", "D_x", "D_G_z", "grad_norm_D", "images_per_s", "data_wait_share", "rss_mb"):
-        assert steps_of(client, run.info.run_id, key) == [2, 4, 6], key
+    # Who ran what: MLflow's own tags fill "Created by", "Source" and the description.
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "pipeline train" and tags["mlflow.user"]
+    assert (
+        tags["mlflow.note.content"].startswith("DCGAN 32x32x1 on ")
+        and "fp32 ZeRO-0, 1 rank(s), 6 steps" in (tags["mlflow.note.content"])
+    )
+    # Charts in sections (train/, perf/, data/...: MLflow groups them by prefix); constants are no charts.
+    for key in ("loss_D", "loss_G", "D_x", "D_G_z", "grad_norm_D"):
+        assert steps_of(client, run.info.run_id, f"train/{key}") == [2, 4, 6], key
+    for key in ("images_per_s", "data_wait_share", "rss_mb"):
+        assert steps_of(client, run.info.run_id, f"perf/{key}") == [2, 4, 6], key
+    assert all("/" in key for key in run.data.metrics) and "steps_in_mean" not in str(list(run.data.metrics))
+    record = json.loads((tmp_path / "runs" / "r1" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"train/loss_D", "perf/images_per_s", "steps_in_mean"} <= set(record)  # the same names as MLflow's
     assert not [k for k in run.data.metrics if k.startswith("system/")]  # system metrics: off on CPU by default
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "model", "images"} <= artifacts
@@ -71,16 +84,19 @@ def test_embedded_sqlite_run_has_params_metrics_images_and_artifacts(mnist_shard
     # The training data as an MLflow dataset input, identified by its manifest's sha256.
     (dataset_input,) = run.inputs.dataset_inputs
     dataset = dataset_input.dataset
+    assert dataset.name == f"{mnist_shards.name}:train"  # the manifest's folder and split, as for evaluation
     assert dataset.digest == params["data.manifest_sha256"][:36] and dataset.source_type == "local"
     assert json.loads(dataset.source)["uri"] == str(mnist_shards / "manifest.json")
     assert json.loads(dataset.profile) == {"num_samples": 512, "resolution": 32, "channels": 1, "split": "train"}
     assert [(t.key, t.value) for t in dataset_input.tags] == [("mlflow.data.context", "training")]
     # The experiment opens on its runs in MLflow 3's UI, and the run says how to get there.
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    experiment = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}?{UI_MODEL_TRAINING}"
     page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?{UI_MODEL_TRAINING}"
-    assert f"MLflow UI: mlflow ui --backend-store-uri sqlite:///{tmp_path}/runs/mlflow.db --port 5000, then {page}" in (
-        result.stderr
-    )
+    store = f"sqlite:///{tmp_path}/runs/mlflow.db"
+    artifacts = f"{tmp_path}/runs/mlartifacts"
+    serve = f"bash {REPO}/launch/mlflow_server.sh --backend-store-uri {store} --artifacts-destination {artifacts}"
+    assert f"MLflow UI: {serve} --port 5000, then {experiment} (this run: {page})" in result.stderr
 
 
 @pytest.mark.slow
@@ -293,7 +309,9 @@ def test_end_of_run_waits_a_bounded_time_when_the_server_stays_down(mnist_shards
     synced = run_cli("sync-tracking", tmp_path / "runs" / "d", env=env, timeout=120)
     assert synced.returncode == 0, synced.stderr[-3000:]
     assert "dropped a torn last line" in synced.stderr
-    assert steps_of(client, run_id) == list(range(1, 201)) and steps_of(client, run_id, "D_x") == list(range(1, 201))
+    assert steps_of(client, run_id) == list(range(1, 201)) and steps_of(client, run_id, "train/D_x") == list(
+        range(1, 201)
+    )
     assert [a.path for a in client.list_artifacts(run_id, "images") if "samples+step+200+" in a.path]
     again = run_cli("sync-tracking", tmp_path / "runs" / "d", env=env, timeout=120)
     assert f"run {run_id}: delivered 0 metric value(s) and 0 sample grid(s)" in again.stdout
@@ -314,3 +332,32 @@ def test_store_that_is_not_a_database_is_a_clear_error(tmp_path):
         UserError, match=f"tracking store sqlite:///{tmp_path}/mlflow.db did not answer .*DatabaseError"
     ):
         MlflowTracker(config, tmp_path)
+
+
+def test_sync_maps_a_run_folder_from_before_the_sections(tmp_path):
+    """metrics.jsonl and fid.jsonl of a run recorded before the metric sections hold plain names:
+    sync-tracking delivers them under the sectioned ones, so old and new runs chart together."""
+    from pipeline.tracking import sync_records
+
+    run_dir = tmp_path / "old-run"
+    (run_dir / "samples").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text(
+        '{"step": 1, "loss_D": 1.5, "images_per_s": 90.0, "corrupt_samples": 0, "steps_in_mean": 1}\n'
+        '{"step": 2, "train/loss_D": 1.4, "perf/images_per_s": 95.0, "steps_in_mean": 1}\n'
+    )
+    (run_dir / "fid.jsonl").write_text('{"step": 2, "checkpoint": "step_0000002", "fid": 30.0, "seconds": 4.0}\n')
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("old", (tmp_path / "artifacts").as_uri())).info.run_id
+    sync_records(client, run_id, run_dir)
+    metrics = client.get_run(run_id).data.metrics
+    assert set(metrics) == {"train/loss_D", "perf/images_per_s", "data/corrupt_samples", "eval/fid", "perf/fid_seconds"}
+    assert steps_of(client, run_id) == [1, 2]
+
+
+def test_runs_are_named_by_their_config_and_what_their_overrides_change():
+    from pipeline.train import run_title
+
+    overrides = ["train.g_optim.lr=1e-3", "seed=1", "data.shards=/data/x", "tracking.experiment=e", "train.run_root=r"]
+    assert run_title("mnist32", overrides) == "mnist32 g_optim.lr=1e-3 seed=1"
+    assert run_title("celeba64", []) == "celeba64"
+    assert run_title("c", ["tracking.tags={api_token: x}", "data.batch_per_rank=8"]) == "c batch_per_rank=8"
