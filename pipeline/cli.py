@@ -22,6 +22,30 @@ from pipeline.dist import ignore_exit_signals, process_group_exists, teardown
 from pipeline.errors import EXIT_INTERRUPTED, Preempted, UserError
 
 
+def number(kind: type, low: float | None = None, high: float | None = None, below: float | None = None):
+    """An argparse type: a `kind` number within [low, high] (or under `below`), checked before any
+    work. Out of range, argparse prints the usage and one line naming the option, exit 2."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f">= {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
+        if below is not None and not value < below:
+            raise argparse.ArgumentTypeError(f"must be below {below}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+SEED = number(int, 0, 2**32 - 1)
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.workers=4")
@@ -47,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("source")
     prep.add_argument("out_dir")
     prep.add_argument(
-        "--resolution", type=int, default=None, help="square side in pixels (default 32; a prepared source's own)"
+        "--resolution",
+        type=number(int, 1, 4096),
+        default=None,
+        help="square side in pixels (default 32; a prepared source's own)",
     )
     prep.add_argument(
         "--channels", type=int, default=None, choices=(1, 3), help="1 (grayscale, the default) or 3 (RGB)"
@@ -65,14 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="raw (default): uncompressed uint8 pixels, read without a decoder; png: lossless, smaller; "
         "jpg: lossy, smallest",
     )
-    prep.add_argument("--quality", type=int, default=95, help="jpg quality (1-100)")
-    prep.add_argument("--samples-per-shard", type=int, default=None, help="default 1000 (a prepared source's own)")
-    prep.add_argument("--val-fraction", type=float, default=0.0, help="share of samples put in the val split")
-    prep.add_argument("--split-seed", type=int, default=0)
+    prep.add_argument("--quality", type=number(int, 1, 100), default=95, help="jpg quality (1-100)")
+    prep.add_argument(
+        "--samples-per-shard", type=number(int, 1), default=None, help="default 1000 (a prepared source's own)"
+    )
+    prep.add_argument(
+        "--val-fraction", type=number(float, 0, below=1), default=0.0, help="share of samples put in the val split"
+    )
+    prep.add_argument("--split-seed", type=SEED, default=0)
     prep.add_argument("--subset", default="train", choices=("train", "test"), help="for MNIST / CIFAR sources")
     prep.add_argument("--no-labels", action="store_true", help="do not store class labels")
-    prep.add_argument("--limit", type=int, default=None, help="use only the first N images")
-    prep.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    prep.add_argument("--limit", type=number(int, 1), default=None, help="use only the first N images")
+    prep.add_argument("--workers", type=number(int, 1, 256), default=None, help="processes (default: all cores)")
     prep.add_argument("--overwrite", action="store_true", help="replace existing shards in OUT_DIR")
     prep.add_argument("--no-progress", action="store_true")
 
@@ -82,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reads data.shards as rank RANK of WORLD_SIZE (from the environment, default 0 of 1).",
     )
     _add_config_args(stream)
-    stream.add_argument("--epochs", type=float, default=1.0, help="epochs to stream (fractions allowed)")
+    stream.add_argument("--epochs", type=number(float, 0), default=1.0, help="epochs to stream (fractions allowed)")
     stream.add_argument("--verify", action="store_true", help="check shard sha256 against the manifest first")
     train = commands.add_parser(
         "train",
@@ -126,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a checkpoint folder, a run folder (its newest checkpoint) or a generator export (.pt)",
     )
-    sample.add_argument("--n", type=int, default=64, help="number of images")
-    sample.add_argument("--seed", type=int, default=0, help="seed of the latents")
+    sample.add_argument("--n", type=number(int, 1, 100_000), default=64, help="number of images")
+    sample.add_argument("--seed", type=SEED, default=0, help="seed of the latents")
     sample.add_argument("--out", required=True, help="output PNG")
 
     evaluate = commands.add_parser(
@@ -145,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DATA",
         help="a manifest, its folder, or an image folder; give it twice",
     )
-    evaluate.add_argument("--n-gen", type=int, help="generated images (default eval.n_generated)")
-    evaluate.add_argument("--n-ref", type=int, help="reference images (default eval.n_reference: all)")
+    evaluate.add_argument("--n-gen", type=number(int, 2), help="generated images (default eval.n_generated)")
+    evaluate.add_argument("--n-ref", type=number(int, 2), help="reference images (default eval.n_reference: all)")
     evaluate.add_argument("--reference", help="reference data (default: the checkpoint config's)")
     evaluate.add_argument("--config", help="YAML config whose eval section applies (default: the checkpoint's)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -300,8 +331,6 @@ def cmd_sample(args) -> int:
     from pipeline.export import generate, load_generator
     from pipeline.images import save_grid
 
-    if args.n < 1:
-        raise UserError(f"--n must be >= 1, got {args.n}")
     generator, payload = load_generator(args.checkpoint)
     z = torch.randn(args.n, generator.latent_dim, generator=torch.Generator().manual_seed(args.seed))
     path = save_grid(generate(generator, z), args.out)

@@ -238,7 +238,9 @@ class EvalConfig(Section):
         description="images per generation/extraction batch; fixed "
         "so that the generated set does not depend on the world size",
     )
-    seed: int = Field(2024, ge=0, description="seed of the evaluation latents (the same at every evaluation)")
+    seed: int = Field(
+        2024, ge=0, le=2**32 - 1, description="seed of the evaluation latents (the same at every evaluation)"
+    )
     kid: bool = Field(True, description="also compute KID from the same features")
     kid_subsets: int = Field(100, ge=1, description="KID: random subsets averaged")
     kid_subset_size: int = Field(1000, ge=2, description="KID: images per subset (capped at the smaller set)")
@@ -256,7 +258,7 @@ class EvalConfig(Section):
 
 
 class Config(Section):
-    seed: int = Field(0, ge=0, description="seed of every random choice (data order, init, latents)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of every random choice (data order, init, latents)")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     loss: LossConfig = Field(default_factory=LossConfig)

@@ -648,6 +648,8 @@ def resolve_run(config: Config, config_name: str, resume: str) -> tuple[Path, Pa
     train = config.train
     if resume not in ("none", "auto"):
         path = Path(resume)
+        if path.name == "latest" and path.is_file():  # checkpoints/latest: the checkpoint it names
+            path = path.parent / path.read_text().strip()
         if (path / "checkpoints").is_dir():  # a run folder: its newest complete checkpoint
             path = latest_checkpoint(path)
             if path is None:

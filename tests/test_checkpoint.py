@@ -133,6 +133,8 @@ def test_resume_modes(mnist_shards, tmp_path):
         resolve_run(config, "x", "none")
     assert resolve_run(config, "x", "auto") == (tmp_path / "runs" / "r", step)
     assert resolve_run(config, "x", str(tmp_path / "runs" / "r")) == (tmp_path / "runs" / "r", step)
+    latest_link = str(step.parent / "latest")  # was a NotADirectoryError traceback
+    assert resolve_run(config, "x", latest_link) == (tmp_path / "runs" / "r", step)
     (step.parent / "step_0000004.tmp").mkdir()  # a half-written save is never picked
     assert resolve_run(config, "x", "auto")[1] == step
 

@@ -101,3 +101,38 @@ def test_every_command_has_help():
     for command in ("prepare", "stream"):
         result = run_cli(command, "--help")
         assert result.returncode == 0 and "usage:" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prepare", "mnist", "out", "--limit", "-5"], "argument --limit: must be >= 1, got -5"),
+        (["prepare", "mnist", "out", "--workers", "-1"], "argument --workers: must be between 1 and 256, got -1"),
+        (["prepare", "mnist", "out", "--val-fraction", "1"], "argument --val-fraction: must be below 1, got 1"),
+        (["prepare", "mnist", "out", "--quality", "0"], "argument --quality: must be between 1 and 100, got 0"),
+        (["eval", "--checkpoint", "x", "--n-gen", "-3"], "argument --n-gen: must be >= 2, got -3"),
+        (["eval", "--checkpoint", "x", "--n-gen", "0"], "argument --n-gen: must be >= 2, got 0"),
+        (["eval", "--checkpoint", "x", "--n-ref", "-5"], "argument --n-ref: must be >= 2, got -5"),
+        (["sample", "--checkpoint", "x", "--n", "0"], "argument --n: must be between 1 and 100000, got 0"),
+        (["sample", "--checkpoint", "x", "--seed", "18446744073709551616"], "argument --seed: must be between 0"),
+        (["prepare", "mnist", "out", "--limit", "ten"], "argument --limit: expected an integer, got 'ten'"),
+    ],
+)
+def test_numeric_arguments_are_checked_before_any_work(argv, message, capsys, tmp_path, monkeypatch):
+    """Out of range, a number is refused by the parser: usage and one line naming the option,
+    exit 2, nothing made (prepare --limit -5 used to prepare all but the last 5 images)."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_seed_beyond_32_bits_is_a_config_error():
+    """It used to reach torch as an 'Overflow when unpacking long long' traceback."""
+    with pytest.raises(ConfigError, match="seed: Input should be less than or equal to 4294967295"):
+        load_config(None, ["seed=18446744073709551616"])
