@@ -70,6 +70,15 @@ def small_shards(tmp_path, request):
     return out, images, labels
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_mlruns_in_the_checkout():
+    """No test leaves MLflow's ./mlruns in the folder the CLI ran from (the checkout): a local
+    sqlite store keeps its artifacts beside its database (pipeline/tracking.py resolve_uri)."""
+    before = (REPO / "mlruns").exists()
+    yield
+    assert before or not (REPO / "mlruns").exists(), f"a test wrote MLflow artifacts into {REPO / 'mlruns'}"
+
+
 @pytest.fixture(scope="session")
 def mnist_shards(tmp_path_factory):
     """512 real MNIST digits at 32x32 in 4 shards (one session-wide copy; tests only read it)."""
