@@ -81,14 +81,14 @@ class LossConfig(Section):
         0.0, ge=0, description="R1 penalty gamma/2 E||grad_x D(x)||^2 on real images (Mescheder et al. 2018); 0 = off"
     )
 
+    r1_every: int = Field(
+        4, ge=1, description="apply R1 every N steps, scaled by N (lazy regularization, Karras et al. 2020)"
+    )
+
     @property
     def has_penalty(self) -> bool:
         """Whether D's loss differentiates D's input gradient (R1 or WGAN-GP): a double backward."""
         return self.r1_gamma > 0 or self.kind == "wgan-gp"
-
-    r1_every: int = Field(
-        4, ge=1, description="apply R1 every N steps, scaled by N (lazy regularization, Karras et al. 2020)"
-    )
 
 
 class OptimizerConfig(Section):

@@ -52,7 +52,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from pipeline.config import STAGE_0_REFUSED, Config, OptimizerConfig
+from pipeline.config import FP16_PENALTY_REFUSED, STAGE_0_REFUSED, Config, OptimizerConfig
 from pipeline.dist import DistInfo
 from pipeline.errors import NonFiniteLoss, UserError
 from pipeline.files import load_tensors
@@ -168,6 +168,9 @@ def _checked_raw(raw: dict, config: Config, network: str, path: str) -> dict:
     for precision, reason in STAGE_0_REFUSED.items():
         if raw.get(precision, {}).get("enabled", False) and stage == 0:
             raise UserError(f"{path}: {precision} needs zero_optimization.stage >= 1: {reason}")
+    fp16 = raw.get("fp16", {}).get("enabled", False)
+    if network == "d" and fp16 and config.loss.has_penalty and config.model.d_norm == "batch":
+        raise UserError(f"{path}: {FP16_PENALTY_REFUSED}")  # as config validation refuses its own fp16
     raw.setdefault("steps_per_print", 1 << 30)
     raw.setdefault("timers", {"throughput": {"enabled": False}})
     return raw

@@ -39,7 +39,6 @@ SECTIONED = {name: f"{section}/{name}" for section, names in _SECTIONS.items() f
 # Kept in metrics.jsonl but not charted: train.log_every, but for a run's last, partial window.
 RECORD_ONLY = ("steps_in_mean",)
 BEST_FID = SECTIONED["best_fid"]
-FID = SECTIONED["fid"]
 
 
 def sectioned(metrics: dict) -> dict:

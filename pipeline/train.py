@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline import engines, losses
 from pipeline.checkpoint import Checkpointer, CheckpointParts, latest_checkpoint, read_meta
-from pipeline.config import FP16_PENALTY_REFUSED, Config, config_to_yaml
+from pipeline.config import Config, config_to_yaml
 from pipeline.data.loader import ShardedLoader
 from pipeline.dist import DistInfo
 from pipeline.elastic import Resize, plan_resize, resized_config
@@ -93,8 +93,6 @@ class Trainer:
             generator, discriminator = build_pair(model)
         self.g_engine = engines.Engine("g", generator, config, load_universal=resize is not None)
         self.d_engine = engines.Engine("d", discriminator, config, load_universal=resize is not None)
-        if self.d_engine.loss_scale is not None and config.loss.has_penalty and model.d_norm == "batch":
-            raise UserError(FP16_PENALTY_REFUSED)  # fp16 from a raw DeepSpeed JSON (the config checks its own)
         self.ema = None
         if config.train.ema:
             self.ema = EMA(self.g_engine.module, config.train.ema_decay, config.train.ema_warmup)
