@@ -99,7 +99,7 @@ class Bench:
         def step():
             trainer.train_step(batches)
             if trainer.global_step % trainer.config.train.sync_every == 0:
-                trainer.settle()
+                trainer.should_stop()
 
         return step
 

@@ -51,7 +51,7 @@ def job(args) -> None:
     from pipeline import engines
     from pipeline.config import load_config
     from pipeline.dist import detect, teardown
-    from pipeline.train import build_trainer
+    from pipeline.run import build_trainer
 
     info = detect("cpu")
     engines.init_distributed(info, 5)

@@ -36,7 +36,12 @@ from pipeline import engines
 from pipeline.config import load_config
 from pipeline.data.prepare import Transform, prepare
 from pipeline.dist import detect
-from pipeline.tracking import MlflowTracker, NullTracker, start_system_metrics
+from pipeline.reporting.model_log import ModelLog
+from pipeline.reporting.run_records import RunRecords
+from pipeline.run import start_tracking
+from pipeline.tracking import NullTracker
+from pipeline.tracking.mlflow_tracker import MlflowTracker
+from pipeline.tracking.system_metrics import start_system_metrics
 from pipeline.train import Trainer
 
 
@@ -67,24 +72,27 @@ def main():
         )
         info = detect()
         engines.init_distributed(info, 5)
-        trainer = Trainer(config, info, tmp / "runs" / "bench")
+        run_dir = tmp / "runs" / "bench"
+        trainer = Trainer(config, info, run_dir)
         tracker = MlflowTracker(config.tracking, tmp / "runs")
         null = NullTracker()
-        trainer.tracker = tracker
-        trainer.start_tracking()
+        RunRecords(run_dir, config, null).write_setup(
+            {"g": trainer.g_engine.ds_config, "d": trainer.d_engine.ds_config}
+        )
+        start_tracking(trainer, tracker, run_dir, None, [], None, None)
 
         def timed(which):
-            trainer.tracker = which
+            trainer.reporters = [RunRecords(run_dir, config, which)]  # the run folder's records, tracked or not
             trainer.config.train.steps = trainer.global_step + args.steps
             started = time.perf_counter()
             trainer.train()
             return (time.perf_counter() - started) / args.steps
 
-        def queue_model():
+        def queue_model(to=tracker):
             """The generator queued as an MLflow model, as a new best FID or a run's end does."""
-            tracker.config.log_model = True
-            trainer.log_model(None)
-            tracker.config.log_model = False
+            to.config.log_model = True
+            ModelLog(to).log(trainer, None)
+            to.config.log_model = False
 
         def timed_on():
             # Threads of tracking: all but training's. Threads that start during the round
@@ -94,7 +102,6 @@ def main():
             if args.system_metrics:
                 sampler = start_system_metrics(config.tracking, tracker.run_id, tracker.uri)
             if args.log_model:
-                trainer.tracker = tracker
                 queue_model()  # the round's timing starts while it is being logged
             seconds = timed(tracker)
             # The round's records delivered: their cost is counted here, and none lands in the
@@ -123,7 +130,7 @@ def main():
                 flush=True,
             )
         tracker.finish("FINISHED")
-        models = len(tracker.client.search_logged_models([tracker.experiment_id])) if args.log_model else 0
+        models = len(tracker.client.search_logged_models([tracker.store.experiment_id])) if args.log_model else 0
         end_plain, end_model = end_of_run_seconds(trainer, config, tmp, None), None
         if args.log_model:
             end_model = end_of_run_seconds(trainer, config, tmp, queue_model)
@@ -167,12 +174,11 @@ def end_of_run_seconds(trainer, config, tmp: Path, queue_model) -> float:
     """tracker.finish() of a fresh run with its queue delivered, with or without the generator to log."""
     tracker = MlflowTracker(config.tracking, tmp / "runs")
     tracker.start("end-of-run", tags={})
-    trainer.tracker = tracker
     tracker.log_metrics({"loss_D": 1.0}, 1)
     time.sleep(config.tracking.flush_every_s + 1)  # the start's records delivered
     started = time.perf_counter()
     if queue_model is not None:
-        queue_model()
+        queue_model(tracker)
     tracker.finish("FINISHED")
     return time.perf_counter() - started
 

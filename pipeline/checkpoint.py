@@ -10,7 +10,7 @@ Layout of one run's checkpoints:
             g/, d/              each engine's state (weights, optimizer, loss scaler,
                                 counters) in its own folder, written by pipeline.engines;
                                 g/universal/, d/universal/ once the checkpoint was resumed
-                                on another world size with ZeRO (pipeline/elastic.py)
+                                on another world size with ZeRO (pipeline/resize.py)
             g_weights.pt        G's weights as a plain fp32 state dict (rank 0): what
             d_weights.pt        `sample`, `export` and `eval` read, with torch alone
             ema.pt              the EMA generator (rank 0)
@@ -118,7 +118,7 @@ def _compared(tree: dict, key: str):
     return value
 
 
-# On another world size the batch is split anew (pipeline/elastic.py), so these may differ.
+# On another world size the batch is split anew (pipeline/resize.py), so these may differ.
 RESPLIT = ("data.batch_per_rank", "deepspeed.gradient_accumulation")
 
 
@@ -213,6 +213,14 @@ class Checkpointer:
         self.config, self.rank, self.world_size = config, rank, world_size
         self.keep = config.train.keep_checkpoints
         self.last_save_seconds = 0.0
+        # What every checkpoint's meta.json says of the run beyond the training state: the
+        # MLflow run to continue on a resume (pipeline/run.py sets it once the tracker started).
+        self.run_meta: dict[str, Any] = {}
+
+    def due(self, step: int) -> bool:
+        """train.checkpoint_every steps, and the last step."""
+        train = self.config.train
+        return step % train.checkpoint_every == 0 or step == train.steps
 
     # ------------------------------------------------------------------- paths
     def latest(self) -> Path | None:
@@ -255,6 +263,7 @@ class Checkpointer:
                 "config_hash": config_hash(self.config),
                 "versions": versions(),
                 "created_unix": int(time.time()),
+                **self.run_meta,
                 **meta,
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -287,7 +296,7 @@ class Checkpointer:
             raise UserError(f"checkpoint {path} does not fit this job:\n  " + "\n  ".join(problems))
         resized = meta["world_size"] != self.world_size
         # On another world size every rank starts from rank 0's state: its step and data
-        # position are every rank's, and its random streams are derived again (pipeline/elastic.py).
+        # position are every rank's, and its random streams are derived again (pipeline/resize.py).
         rank_file = path / "client" / f"rank_{0 if resized else self.rank:05d}.pt"
         if not rank_file.is_file():
             raise UserError(f"checkpoint {path} has no state for rank {self.rank}")

@@ -276,7 +276,7 @@ def cmd_train(args) -> int:
     config = _load(args)
     if config is None:
         return 0
-    from pipeline.train import run_training
+    from pipeline.run import run_training
 
     name = os.path.splitext(os.path.basename(args.config))[0] if args.config else "run"
     return run_training(config, name, args.resume, args.overrides)
@@ -284,15 +284,16 @@ def cmd_train(args) -> int:
 
 def cmd_sync_tracking(args) -> int:
     from pipeline.config import load_config
-    from pipeline.tracking import MlflowTracker, find_run, sync_records
+    from pipeline.tracking.store import connect
+    from pipeline.tracking.sync import find_run, sync_records
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.yaml)")
     config = load_config(run_dir / "config.yaml", [])
-    tracker = MlflowTracker(config.tracking, config.train.run_root)  # checks that the store answers
-    run = find_run(tracker.client, tracker.experiment_id, run_dir)
-    delivered = sync_records(tracker.client, run.info.run_id, run_dir)
+    store = connect(config.tracking, config.train.run_root)  # checks that the store answers
+    run = find_run(store.client, store.experiment_id, run_dir)
+    delivered = sync_records(store.client, run.info.run_id, run_dir)
     print(
         f"run {run.info.run_id}: delivered {delivered['metric_values']} metric value(s) and "
         f"{delivered['sample_grids']} sample grid(s) it lacked"
@@ -302,11 +303,12 @@ def cmd_sync_tracking(args) -> int:
 
 def cmd_runs(args) -> int:
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import MlflowTracker, compare_sweep
+    from pipeline.tracking.store import connect
+    from pipeline.tracking.sweeps import compare_sweep
 
     tracking = TrackingConfig(uri=args.tracking_uri, experiment=args.experiment)
-    tracker = MlflowTracker(tracking, args.run_root, create_experiment=False)  # checks that the store answers
-    table = compare_sweep(tracker.client, tracker.experiment_id, args.parent)
+    store = connect(tracking, args.run_root, create_experiment=False)  # checks that the store answers
+    table = compare_sweep(store.client, store.experiment_id, args.parent)
     if args.json:
         print(json.dumps(table))
         return 0

@@ -212,7 +212,7 @@ class TrackingConfig(Section):
 
 
 class EvalConfig(Section):
-    """FID/KID with the TF-FID Inception-v3 (see pipeline/evaluation and the README's protocol)."""
+    """FID/KID with the TF-FID Inception-v3 (see pipeline/evaluation and docs/fid.md)."""
 
     fid_every: int = Field(
         0,

@@ -29,15 +29,6 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
-import torch
-from torch import nn
-
-# DeepSpeed JIT-compiles its shm comm op into TORCH_EXTENSIONS_DIR. A cache shared by several
-# environments rebuilds it whenever another venv's DeepSpeed sources were used last, and a
-# process killed mid-build leaves a lock file that makes every later load wait forever. One
-# cache per environment (set before deepspeed is imported) avoids both.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-
 import deepspeed
 
 # Imported now, not first inside DeepSpeedEngine.__del__: destroy() imports this module
@@ -48,17 +39,17 @@ import deepspeed
 # engine then waits for it forever: a run that finished hung at exit. Once imported, the
 # import in __del__ is a sys.modules lookup that takes no lock.
 import deepspeed.module_inject.auto_ep_comm
+import torch
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
+from torch import nn
 
 from pipeline.config import FP16_PENALTY_REFUSED, STAGE_0_REFUSED, Config, OptimizerConfig
 from pipeline.dist import DistInfo
 from pipeline.errors import NonFiniteLoss, UserError
 from pipeline.files import load_tensors
 
-# DeepSpeed logs every config key at INFO on every rank; keep its warnings.
-os.environ.setdefault("DS_LOG_LEVEL", "warning")
 # Each engine saves into a folder of its own, under this tag: DeepSpeed's default tag
 # (global_step{N}) and `latest` file would collide if G and D shared one.
 ENGINE_TAG = "engine"
@@ -68,7 +59,14 @@ DEEPSPEED_FILE_CLASSES = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment
 
 
 def init_distributed(info: DistInfo, timeout_minutes: float) -> None:
-    """All ranks. auto_mpi_discovery off: without the env vars it would try MPI and fail on mpi4py."""
+    """All ranks. auto_mpi_discovery off: without the env vars it would try MPI and fail on mpi4py.
+
+    On CPU, DeepSpeed JIT-compiles its shm comm op here, into TORCH_EXTENSIONS_DIR (read by
+    torch.utils.cpp_extension when it builds). A cache shared by several environments rebuilds
+    it whenever another venv's DeepSpeed sources were used last, and a process killed mid-build
+    leaves a lock file that makes every later load wait forever. One cache per environment,
+    unless the user chose one, avoids both."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     deepspeed.init_distributed(
         dist_backend=info.backend,
         auto_mpi_discovery=False,
@@ -138,7 +136,7 @@ def build_ds_config(config: Config, network: str, parameters: int) -> dict:
         # check_grad_overflow off: at ZeRO 1-2 it reads an overflow flag and the norm's
         # finiteness back every step (stage_1_and_2.py has_overflow, is_invalid_grad_norm). bf16
         # has fp32's range, so a non-finite gradient means divergence, not a loss scale to
-        # lower; Divergence (pipeline/metrics.py) stops a run whose losses stay non-finite.
+        # lower; Divergence (pipeline/stopping.py) stops a run whose losses stay non-finite.
         "bf16": {"enabled": ds.precision == "bf16", "check_grad_overflow": False},
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -190,7 +188,7 @@ class Engine:
     def __init__(self, name: str, model: nn.Module, config: Config, load_universal: bool = False):
         """load_universal: this engine will load a checkpoint saved on another world size
         (see load_resized)."""
-        self.name = name
+        self.name, self.load_universal = name, load_universal
         self.ds_config = build_ds_config(config, name, sum(p.numel() for p in model.parameters()))
         if load_universal and partitions_optimizer(self.ds_config):
             # Only then: with a plain optimizer, DeepSpeed's universal load calls ZeRO-only methods.

@@ -60,6 +60,17 @@ def read_json_lines(path: Path) -> list[dict]:
 DAMAGED_TORCH_FILE = (RuntimeError, EOFError, KeyError, ValueError)
 
 
+def keep_records_through(path: Path, step: int) -> list[dict]:
+    """Drop the records of a JSON-lines log (metrics.jsonl, fid.jsonl) written after `step`, and a
+    torn last line (what a kill mid-write leaves), rewriting the file atomically; returns the
+    records kept. Used on a resume, whose checkpoint is of `step`."""
+    if not path.exists():
+        return []
+    kept = [record for record in read_json_lines(path) if record["step"] <= step]
+    write_bytes_atomic(path, "".join(json.dumps(record) + "\n" for record in kept).encode())
+    return kept
+
+
 def load_tensors(path: str | Path, what: str):
     """torch.load onto the CPU with weights_only=True: tensors and plain containers only, so
     loading never runs code from the file. A missing, damaged or crafted file is a UserError

@@ -10,7 +10,7 @@ MLflow's UI turns into one group of charts each (as Lightning users' `train/loss
 - perf/: images/s, step time, data-wait share, memory, and the seconds of checkpoints and
   FID evaluations (which the step time leaves out);
 - data/: corrupt samples replaced by the loader;
-- system/: MLflow's own system metrics (pipeline/tracking.py).
+- system/: MLflow's own system metrics (pipeline/tracking/system_metrics.py).
 
 Run folders written before the sections recorded plain names in metrics.jsonl;
 `sync-tracking` maps them with SECTIONED, so nothing written then is lost.
@@ -49,3 +49,13 @@ def sectioned(metrics: dict) -> dict:
 def run_metric(metrics: dict, name: str):
     """A plain-named figure of an MLflow run's metrics, from a run recorded before the sections too."""
     return metrics.get(SECTIONED[name], metrics.get(name))
+
+
+# An FID evaluation's figures (fid.jsonl's fields) and the names they are recorded under.
+FID_FIELDS = {"fid": "fid", "kid": "kid", "fid_floor": "fid_floor", "fid_over_floor": "fid_over_floor"}
+FID_FIELDS |= {"seconds": "fid_seconds"}
+
+
+def fid_metrics(result: dict) -> dict:
+    """The metrics of one FID evaluation (an FidEvaluator result or a fid.jsonl record), plain-named."""
+    return {name: result[field] for field, name in FID_FIELDS.items() if field in result}

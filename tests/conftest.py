@@ -73,7 +73,7 @@ def small_shards(tmp_path, request):
 @pytest.fixture(scope="session", autouse=True)
 def no_mlruns_in_the_checkout():
     """No test leaves MLflow's ./mlruns in the folder the CLI ran from (the checkout): a local
-    sqlite store keeps its artifacts beside its database (pipeline/tracking.py resolve_uri)."""
+    sqlite store keeps its artifacts beside its database (pipeline/tracking/store.py resolve_uri)."""
     before = (REPO / "mlruns").exists()
     yield
     assert before or not (REPO / "mlruns").exists(), f"a test wrote MLflow artifacts into {REPO / 'mlruns'}"

@@ -16,7 +16,7 @@ from pipeline import engines
 from pipeline.checkpoint import latest_checkpoint
 from pipeline.config import load_config
 from pipeline.dist import detect, teardown
-from pipeline.train import build_trainer
+from pipeline.run import build_trainer
 from tests.conftest import allow_cpu_fp16, step_losses
 
 if os.environ.get("PIPELINE_TEST_CPU_FP16") == "1":  # the cpu_fp16 fixture, for this process

@@ -15,6 +15,7 @@ from pipeline import engines, losses
 from pipeline.config import load_config
 from pipeline.dist import detect, teardown
 from pipeline.images import from_uint8
+from pipeline.run import start_tracking
 from pipeline.tracking import make_tracker
 from pipeline.train import Trainer
 
@@ -28,8 +29,10 @@ info = detect("cpu")
 engines.init_distributed(info, 2)
 config = load_config(None, args.overrides)
 tracker = make_tracker(config.tracking, config.train.run_root, info.is_main)  # rank 0 only
-trainer = Trainer(config, info, Path(config.train.run_root) / "dist", tracker)
-trainer.start_tracking()
+run_dir = Path(config.train.run_root) / "dist"
+trainer = Trainer(config, info, run_dir)
+if info.is_main:
+    start_tracking(trainer, tracker, run_dir, None, [], None, None)
 batches = trainer.loader.forever()
 
 

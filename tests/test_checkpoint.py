@@ -16,7 +16,9 @@ from pipeline.checkpoint import latest_checkpoint
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.export import load_generator
-from pipeline.train import Trainer, resolve_run
+from pipeline.reporting.run_records import RunRecords
+from pipeline.run import build_trainer, resolve_run
+from pipeline.train import Trainer
 from tests.conftest import REPO, child_env, run_cli, step_losses, train_overrides
 
 
@@ -299,14 +301,19 @@ def test_a_torn_last_log_line_is_dropped_on_resume_and_other_damage_named(dist_s
     trainer = make(dist_single, mnist_shards, tmp_path)
     losses_of(trainer, 2)
     path = trainer.save_checkpoint()
-    metrics = trainer.run_dir / "metrics.jsonl"
+    run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
     metrics.write_text(
         '{"step": 1, "loss_D": 1.0}\n{"step": 2, "loss_D": 0.9}\n{"step": 3, "loss_D": 0.8}\n{"step": 4, "lo'
     )
+
+    def resume():
+        return build_trainer(trainer.config, dist_single, run_dir, path, [RunRecords(run_dir, trainer.config, None)])
+
     with caplog.at_level("WARNING", logger="pipeline"):
-        make(dist_single, mnist_shards, tmp_path).resume(path)
+        resume()
     assert "dropped a torn last line" in caplog.text
     assert metrics.read_text() == '{"step": 1, "loss_D": 1.0}\n{"step": 2, "loss_D": 0.9}\n'
     metrics.write_text('{"step": 1, "loss_D": 1.0}\n{"step": 2, "lo\n{"step": 2, "loss_D": 0.9}\n')
     with pytest.raises(UserError, match=r"metrics.jsonl: line 2 is damaged"):
-        make(dist_single, mnist_shards, tmp_path).resume(path)
+        resume()

@@ -9,7 +9,7 @@ those calls on this CPU where a GPU run would make them. Goals, per non-logging 
   (deepspeed/runtime/zero/stage_1_and_2.py has_overflow, `overflow_gpu[0].item()`) and the
   finiteness of the gradient norm (deepspeed/runtime/utils.py is_invalid_grad_norm,
   `bool(...)`): at most 4 a step for the two engines.
-A logging step reads the window once; a `settle` step once.
+A logging step reads the window once; a `should_stop` step once.
 """
 
 from pathlib import Path
@@ -147,14 +147,14 @@ def test_the_counter_sees_each_kind_of_wait(dist_single):
     assert waits.host_resident and all("torch.optim" in why for _, _, why in waits.host_resident)
 
 
-def test_logging_and_settle_steps_read_back_once(dist_single, shards_by_shape, tmp_path):
+def test_logging_and_should_stop_steps_read_back_once(dist_single, shards_by_shape, tmp_path):
     trainer = small_trainer(dist_single, shards_by_shape, tmp_path, "configs/mnist32.yaml")
     batches = trainer.loader.forever()
     trainer.train_step(batches)
     with count_device_waits(engines.accelerator()) as reading:
         trainer.read_metrics()
     with count_device_waits(engines.accelerator()) as settling:
-        trainer.settle()
+        trainer.should_stop()
     batches.close()
     assert [kind for kind, _ in reading.waits] == ["tolist"], reading.report()
     assert [kind for kind, _ in settling.waits] == ["tolist"], settling.report()

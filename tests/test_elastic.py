@@ -9,8 +9,8 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.dist import free_port
-from pipeline.elastic import Split, plan_resize
 from pipeline.errors import UserError
+from pipeline.resize import Split, plan_resize
 from tests.conftest import REPO, run, train_overrides
 
 # Slow tier: every test here starts processes (launchers, ranks, servers, a cluster).

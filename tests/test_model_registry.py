@@ -10,9 +10,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline import model_registry
 from pipeline.export import generate, generator_payload, inference_generator
 from pipeline.models import build_generator
+from pipeline.tracking import model_registry
 from tests.conftest import child_env, run_cli, train_overrides
 
 MODEL = {"arch": "dcgan", "resolution": 32, "channels": 1, "latent_dim": 100, "g_width": 16}

@@ -101,7 +101,7 @@ def test_embedded_sqlite_run_has_params_metrics_images_and_artifacts(mnist_shard
 
 @pytest.mark.slow
 def test_an_sqlite_uri_keeps_artifacts_beside_its_database_not_in_the_working_folder(mnist_shards, tmp_path):
-    """MLFLOW_TRACKING_URI=sqlite:///... as the README suggests: MLflow's own default would put
+    """MLFLOW_TRACKING_URI=sqlite:///... as docs/tracking.md suggests: MLflow's own default would put
     the artifacts in ./mlruns of whatever folder the job runs from."""
     store, work = tmp_path / "store", tmp_path / "work"
     store.mkdir()
@@ -324,7 +324,7 @@ def test_store_that_is_not_a_database_is_a_clear_error(tmp_path):
     """The store check catches what a damaged store raises (here sqlalchemy's DatabaseError), not
     every exception: a bug in our own code keeps its traceback."""
     from pipeline.config import load_config
-    from pipeline.tracking import MlflowTracker
+    from pipeline.tracking.mlflow_tracker import MlflowTracker
 
     (tmp_path / "mlflow.db").write_bytes(b"not a database" * 400)
     config = load_config(None, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]).tracking
@@ -337,7 +337,7 @@ def test_store_that_is_not_a_database_is_a_clear_error(tmp_path):
 def test_sync_maps_a_run_folder_from_before_the_sections(tmp_path):
     """metrics.jsonl and fid.jsonl of a run recorded before the metric sections hold plain names:
     sync-tracking delivers them under the sectioned ones, so old and new runs chart together."""
-    from pipeline.tracking import sync_records
+    from pipeline.tracking.sync import sync_records
 
     run_dir = tmp_path / "old-run"
     (run_dir / "samples").mkdir(parents=True)
@@ -355,7 +355,7 @@ def test_sync_maps_a_run_folder_from_before_the_sections(tmp_path):
 
 
 def test_runs_are_named_by_their_config_and_what_their_overrides_change():
-    from pipeline.train import run_title
+    from pipeline.tracking.describe import run_title
 
     overrides = ["train.g_optim.lr=1e-3", "seed=1", "data.shards=/data/x", "tracking.experiment=e", "train.run_root=r"]
     assert run_title("mnist32", overrides) == "mnist32 g_optim.lr=1e-3 seed=1"

@@ -55,7 +55,7 @@ def test_torchrun_and_deepspeed_runs_agree_and_records_are_means_over_their_step
     pipeline` (the README's main job, recording every 3rd step), same seed and world size: each
     of deepspeed's records holds the means of torchrun's per-step values over its 3 steps. So the
     launchers run the same training, and a record read once per window (one all-reduce and one
-    host copy, pipeline/metrics.py) equals what reading every step the old way gave."""
+    host copy, pipeline/step_window.py) equals what reading every step the old way gave."""
     port = free_port()
     launchers = {
         "torchrun": ([*TORCHRUN_2, "-m"], "train.log_every=1"),

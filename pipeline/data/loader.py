@@ -466,7 +466,9 @@ class ShardedLoader:
             history, consumed = (*history, (*saved, consumed)), 0
         elif consumed == saved_length:  # at the epoch's very end (saved by an older version)
             epoch, history, consumed = epoch + 1, (), 0
-        self.corrupt_samples = int(state.get("corrupt_samples", 0))
+        # After a resize every rank loads rank 0's state: its count of corrupt samples stays rank 0's.
+        resized = saved[0] != layout.world_size
+        self.corrupt_samples = 0 if resized and layout.rank != 0 else int(state.get("corrupt_samples", 0))
         self._start_epoch(epoch, history, consumed)
 
     def __iter__(self) -> Iterator[Batch]:

@@ -394,7 +394,7 @@ class FidEvaluator:
         return result | {"seconds": round(time.perf_counter() - started, 2)}
 
 
-# (FID/floor up to, words): calibrated on MNIST at n = 2000 (the README's Sample quality table)
+# (FID/floor up to, words): calibrated on MNIST at n = 2000 (docs/lab-log.md, "Sample quality")
 VERDICT_WORDS = (
     (1.5, "hard to tell from real images"),
     (3.0, "good: most samples are clean"),

@@ -1,4 +1,4 @@
-"""What the training steps report, kept where it was made until a logging step reads it.
+"""A logging window's step figures, kept on the device until a logging step reads them.
 
 A value read back to the host (`.item()`, `.tolist()`, `float(tensor)`) makes the CPU wait
 until the GPU has finished everything queued so far, so the next step cannot be queued
@@ -6,14 +6,11 @@ while this one runs. On one H100 a DCGAN step takes a few milliseconds, and a wa
 every step costs a large share of it. So, as nanoGPT's and torchtitan's training loops do,
 the steps leave their losses, D outputs and gradient norms on the device, summed there, and
 the trainer reads them back once every `train.log_every` steps: one all-reduce and one copy.
-The logged values are the means over the steps since the previous record (README, "Metrics").
+The logged values are the means over the steps since the previous record
+(docs/training.md, "Metrics"). Two checks cannot wait for a logging step: stopping.py.
 
-Two checks cannot wait for a logging step: a preemption signal (to any rank) and divergence
-(non-finite losses). `agree` settles both every `train.sync_every` steps with one tiny
-all-reduce, at the same steps on every rank.
-
-Which ranks: every rank keeps its own `StepMeans` and `Divergence`; `StepMeans.read()` and
-`agree()` are collectives that all ranks call at the same steps.
+Which ranks: every rank keeps its own `StepMeans`; `StepMeans.read()` is a collective that
+all ranks call at the same steps.
 """
 
 from __future__ import annotations
@@ -42,8 +39,8 @@ class StepMeans:
         self.started = time.perf_counter()
 
     def exclude(self, seconds: float) -> None:
-        """Leave `seconds` of work between steps (a checkpoint, an FID evaluation) out of the
-        window's speed: they are timed under their own names, not as slow steps."""
+        """Leave `seconds` of work between steps (checkpoints, FID evaluations, sample grids and
+        records) out of the window's speed: the speed is the training steps'."""
         self.excluded_s += seconds
 
     def add(self, values: dict, images: int, data_wait_s: float) -> None:
@@ -78,29 +75,3 @@ class StepMeans:
         }
         self.reset()
         return means
-
-
-class Divergence:
-    """Counts consecutive steps with a non-finite loss, on the device (no wait per step)."""
-
-    def __init__(self, device: torch.device, streak: int = 0):
-        self.streak = torch.tensor(streak, device=device)
-        self.longest = self.streak.clone()  # the longest streak since the last settle()
-
-    def add(self, *losses: torch.Tensor) -> None:
-        finite = torch.stack([torch.isfinite(loss.detach()).all() for loss in losses]).all()
-        self.streak = torch.where(finite, torch.zeros_like(self.streak), self.streak + 1)
-        self.longest = torch.maximum(self.longest, self.streak)
-
-
-def agree(signalled: bool, divergence: Divergence) -> tuple[bool, int]:
-    """Collective, every `train.sync_every` steps: (whether any rank got a preemption signal, the
-    longest run of non-finite losses on any rank since the last call), in one all-reduce (max)."""
-    device = divergence.streak.device
-    packed = torch.stack(
-        [torch.tensor(float(signalled), dtype=torch.float64, device=device), divergence.longest.double()]
-    )
-    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
-    signal_seen, longest = packed.tolist()
-    divergence.longest = divergence.streak.clone()
-    return signal_seen > 0, int(longest)

@@ -1,6 +1,6 @@
 """The generator as an MLflow PyTorch model of its run, and as versions in the model registry.
 
-Which ranks run it: rank 0 alone, from the tracker's delivery thread (pipeline/tracking.py),
+Which ranks run it: rank 0 alone, from the tracker's delivery thread (pipeline/tracking/delivery.py),
 so a slow or unreachable store never holds up training.
 
 What a user gets (MLflow 3.17):
