@@ -15,7 +15,7 @@ checkpoint writes included: what a user waits), on this machine with every core 
     python bench/quality.py --label lr4e-4 train.g_optim.lr=4e-4  # one lever changed
 
 Prints a table (step, train minutes, FID, KID, FID/floor) and ends with one JSON line;
---out appends that line to a JSON-lines file (the README's lever table is built from one).
+--out appends that line to a JSON-lines file (docs/lab-log.md, "Sample quality", is built from one).
 """
 
 import argparse
