@@ -19,13 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report
-
-from pipeline import engines
-from pipeline.config import load_config
-from pipeline.data.prepare import Transform, prepare
-from pipeline.dist import detect
-from pipeline.train import Trainer
+from harness import bench_config, bench_trainer, mnist_shards, report, single_rank
 
 
 def folder_bytes(path: Path) -> int:
@@ -38,23 +32,11 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        prepare("mnist", tmp / "shards", Transform(64, 3), limit=256, progress=False)
-        config = load_config(
-            None,
-            [
-                f"data.shards={tmp}/shards",
-                "data.batch_per_rank=16",
-                "data.workers=0",
-                "model.resolution=64",
-                "model.channels=3",
-                f"train.run_root={tmp}/runs",
-                "train.progress=false",
-                "train.keep_checkpoints=100",
-            ],
-        )
-        info = detect()
-        engines.init_distributed(info, 5)
-        trainer = Trainer(config, info, tmp / "runs" / "bench")
+        shards = mnist_shards(tmp / "shards", 64, 3, limit=256)
+        size = ["data.batch_per_rank=16", "model.resolution=64", "model.channels=3", "train.keep_checkpoints=100"]
+        config = bench_config(shards, tmp / "runs", *size)
+        info = single_rank()
+        trainer = bench_trainer(config, info, tmp / "runs" / "bench")
         batches = trainer.loader.forever()
         trainer.train_step(batches)  # Adam states exist from here on
         params = sum(p.numel() for p in trainer.g_engine.module.parameters()) + sum(
@@ -67,7 +49,7 @@ def main():
             started = time.perf_counter()
             path = trainer.save_checkpoint()
             save_s.append(time.perf_counter() - started)
-            fresh = Trainer(config, info, tmp / "runs" / "bench")
+            fresh = bench_trainer(config, info, tmp / "runs" / "bench")
             started = time.perf_counter()
             fresh.resume(path)
             load_s.append(time.perf_counter() - started)

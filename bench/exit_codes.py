@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report
+from harness import mnist_shards, report
 from rank_failure import rank_process
 
 REPO = Path(__file__).resolve().parents[1]
@@ -129,13 +129,6 @@ def _preempt(proc: subprocess.Popen, ranks: int, metrics: Path, stopped: threadi
             os.kill(pid, signal.SIGTERM)
 
 
-def prepare_shards(folder: Path) -> Path:
-    from pipeline.data.prepare import Transform, prepare
-
-    prepare("mnist", folder, Transform(32, 1), samples_per_shard=128, limit=512, workers=1, progress=False)
-    return folder
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=200)
@@ -148,7 +141,7 @@ def main():
     plan = [(rng.choice(list(EXPECTED)), rng.choice((1, 2)), rng.randrange(1 << 30)) for _ in range(args.runs)]
     wrong, per_ending, started = [], {}, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        shards = prepare_shards(Path(tmp) / "shards")
+        shards = mnist_shards(Path(tmp) / "shards", samples_per_shard=128, workers=1)
 
         def one(item):
             ending, ranks, seed = item

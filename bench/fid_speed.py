@@ -12,7 +12,7 @@ import argparse
 import time
 
 import torch
-from common import report
+from harness import report
 
 from pipeline.evaluation.fid import compare, generated_stats
 from pipeline.evaluation.inception import InceptionFeatures

@@ -2,7 +2,7 @@
 
 At 64x64 RGB, batch 128, one process, it measures images/s of our Trainer (two DeepSpeed
 engines) on an in-memory uint8 batch (pinned, copied to the device each step as the loader's
-would be) against the plain PyTorch loop (bench/train_step.PlainLoop: torch.autocast, and a
+would be) against the plain PyTorch loop (bench/harness.PlainLoop: torch.autocast, and a
 GradScaler for fp16) on the same batch, in the same process. Both sides do the same work:
 our EMA is off. Every side runs once per round, rounds interleaved (--rounds, at least 3),
 and each figure is the median over rounds. Sides:
@@ -37,15 +37,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report
-from train_step import PlainLoop
+from harness import PlainLoop, bench_config, bench_trainer, interleaved_rounds, report, single_rank
 
 from pipeline import engines
-from pipeline.config import load_config
 from pipeline.data.loader import Batch
 from pipeline.data.prepare import Transform, prepare
 from pipeline.device_waits import count_device_waits
-from pipeline.dist import detect
 from pipeline.images import from_uint8
 from pipeline.train import Trainer
 
@@ -64,27 +61,22 @@ class Bench:
 
     def config(self, *extra):
         a = self.args
-        return load_config(
-            None,
-            [
-                f"data.shards={self.tmp}/shards",
-                f"data.batch_per_rank={a.batch}",
-                "data.workers=0",
-                f"model.resolution={a.resolution}",
-                "model.channels=3",
-                f"train.run_root={self.tmp}/runs",
-                "train.progress=false",
-                "train.log_every=100000",  # no logging step inside the timed steps
-                "train.ema=false",  # the plain loop keeps no EMA: the same work on both sides
-                f"train.device={self.info.device.type}",
-                f"train.compile_backend={a.compile_backend}",
-                "tracking.enabled=false",
-                *extra,
-            ],
+        return bench_config(
+            self.tmp / "shards",
+            self.tmp / "runs",
+            f"data.batch_per_rank={a.batch}",
+            f"model.resolution={a.resolution}",
+            "model.channels=3",
+            "train.log_every=100000",  # no logging step inside the timed steps
+            "train.ema=false",  # the plain loop keeps no EMA: the same work on both sides
+            f"train.device={self.info.device.type}",
+            f"train.compile_backend={a.compile_backend}",
+            "tracking.enabled=false",
+            *extra,
         )
 
     def trainer(self, name, *extra) -> Trainer:
-        return Trainer(self.config(*extra), self.info, self.tmp / "runs" / name)
+        return bench_trainer(self.config(*extra), self.info, self.tmp / "runs" / name)
 
     def in_memory_batches(self):
         a = self.args
@@ -147,8 +139,7 @@ def main():
     parser.add_argument("--resolution", type=int, default=64, choices=(32, 64, 128))
     parser.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager"))
     args = parser.parse_args()
-    info = detect(args.device)
-    engines.init_distributed(info, 5)
+    info = single_rank(args.device)
     gpu = info.device.type == "cuda"
     precisions = ["bf16", "fp16", "fp32"] if gpu else ["bf16", "fp32"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,14 +172,9 @@ def main():
         compile_seconds = seconds["ours_bf16_compile"] - seconds["ours_bf16"]
         print(f"warm-up done; compilation took about {compile_seconds:.1f} s")
 
-        rates = {name: [] for name in sides}
         fed.window.reset()
-        for r in range(args.rounds):
-            for name, step in sides.items():
-                rates[name].append(bench.rate(step, args.steps))
-            print(
-                f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in rates.items()), flush=True
-            )
+        timed = {name: (lambda step=step: bench.rate(step, args.steps)) for name, step in sides.items()}
+        rates = interleaved_rounds(timed, args.rounds, " img/s", warm_up=False)  # warmed up above
         wait_share = fed.read_metrics()["data_wait_share"]
         fed_batches.close()
         median = {name: statistics.median(values) for name, values in rates.items()}
@@ -198,9 +184,9 @@ def main():
             print(f"device waits per non-logging step, {p}:")
             waits[p] = device_waits_per_step(trainers[f"ours_{p}"], bench.in_memory_batches(), 10 if gpu else 2)
 
-        settle = None
+        fp16_run = None
         if gpu:
-            trainer = bench.trainer("fp16-settle", *PRECISION["fp16"])
+            trainer = bench.trainer("fp16-run", *PRECISION["fp16"])
             batches, scales, losses = bench.in_memory_batches(), [], []
             for step in range(1, args.fp16_steps + 1):
                 trainer.train_step(batches)
@@ -208,12 +194,12 @@ def main():
                     metrics = trainer.read_metrics()
                     scales.append((step, metrics["loss_scale_D"], metrics["loss_scale_G"]))
                     losses.append((metrics["loss_D"], metrics["loss_G"]))
-            settle = {
+            fp16_run = {
                 "loss_scale_at_steps": scales,
                 "skipped_steps": [trainer.d_engine.skipped_steps, trainer.g_engine.skipped_steps],
                 "non_finite_means": sum(not (math.isfinite(d) and math.isfinite(g)) for d, g in losses),
             }
-            print(f"fp16 ZeRO-1, {args.fp16_steps} steps: {settle}")
+            print(f"fp16 ZeRO-1, {args.fp16_steps} steps: {fp16_run}")
 
     ratios = {f"ours_over_plain_{p}": median[f"ours_{p}"] / median[f"plain_{p}"] for p in precisions}
     ratios["channels_last_on_over_off_fp32_zero0"] = median["ours_fp32_channels_last"] / median["ours_fp32"]
@@ -237,7 +223,7 @@ def main():
             "compile": f"bf16 ZeRO-1, backend {args.compile_backend}",
         },
         compile_seconds=round(compile_seconds, 1),
-        fp16_settle=settle,
+        fp16_settle=fp16_run,
         batch=args.batch,
         resolution=args.resolution,
         workers=args.workers,

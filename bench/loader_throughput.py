@@ -31,12 +31,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import children_cpu_s, report
+from harness import children_cpu_s, mnist_shards, report
 
 from pipeline.config import DataConfig
 from pipeline.data.loader import ShardedLoader
 from pipeline.data.manifest import load_manifest, manifest_shards
-from pipeline.data.prepare import Transform, prepare
 from pipeline.data.shards import iter_samples
 
 BATCH, WORKERS = 128, 1
@@ -68,8 +67,8 @@ def measure(tmp: Path, resolution: int, images: int, epochs: int) -> dict:
     rates, worker_us = {}, {}
     for fmt in ("raw", "png"):
         shards = tmp / f"{fmt}{resolution}"
-        summary = prepare("mnist", shards, Transform(resolution, 3, image_format=fmt), limit=images, progress=False)
-        print(f"{fmt} {resolution}x{resolution}: {summary.line()}", flush=True)
+        mnist_shards(shards, resolution, 3, limit=images, image_format=fmt)
+        print(f"{fmt} {resolution}x{resolution}: {images} images prepared", flush=True)
         config = DataConfig(shards=str(shards), batch_per_rank=BATCH, workers=WORKERS)
         loader = ShardedLoader(config, seed=0)
         batches = (b.images for b in loader.forever())  # as the trainer reads it: workers start once

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report
+from harness import PlainLoop, report
 
 from pipeline.checkpoint import read_meta
 from pipeline.config import load_config
@@ -40,7 +40,7 @@ from pipeline.evaluation.inception import InceptionFeatures
 from pipeline.export import load_generator
 
 REPO = Path(__file__).resolve().parent.parent
-TRAIN, TEST = REPO / "data/mnist32", REPO / "data/mnist32_test"
+DATA = REPO / "data"  # the quickstart's shards: mnist32/ (training digits), mnist32_test/
 
 
 class RunningStatistics(nn.Module):
@@ -58,9 +58,14 @@ class RunningStatistics(nn.Module):
         return self.generator(z)
 
 
-def ensure_data() -> None:
+def data_folders(root: Path) -> tuple[Path, Path]:
+    """(training digits, test digits) under a data root."""
+    return root / "mnist32", root / "mnist32_test"
+
+
+def ensure_data(root: Path) -> None:
     """The 32x32 MNIST shards of both subsets (prepared once, as the quickstart does)."""
-    for out, subset in ((TRAIN, "train"), (TEST, "test")):
+    for out, subset in zip(data_folders(root), ("train", "test"), strict=True):
         if not (out / "manifest.json").exists():
             prepare = [sys.executable, "-m", "pipeline", "prepare", f"mnist:{subset}", str(out)]
             subprocess.run([*prepare, "--resolution", "32", "--channels", "1", "--no-progress"], check=True, cwd=REPO)
@@ -88,44 +93,30 @@ def train(config: str, ranks: int, steps: int, eval_every: int, run_root: Path, 
     return run_dir, [(p, (p / "meta.json").stat().st_mtime - started) for p in checkpoints]
 
 
-def train_plain(config, steps: int, eval_every: int, run_root: Path) -> tuple:
-    """The reference: pytorch/examples' dcgan/main.py training loop, on the same models, data,
-    batch (world x batch_per_rank), optimisers and seed, in one process with no DeepSpeed,
-    no loader and no EMA. If our pipeline scores far worse than this, the fault is ours,
-    not the recipe's."""
-    import torch.nn.functional as F
-
+def train_plain(config, steps: int, eval_every: int, run_root: Path, training_digits: Path) -> tuple:
+    """The reference: the plain loop (harness.PlainLoop, after pytorch/examples' dcgan/main.py)
+    on the same models, data, batch (world x batch_per_rank), optimisers and seed, in one
+    process with no DeepSpeed, no loader and no EMA. If our pipeline scores far worse than
+    this, the fault is ours, not the recipe's."""
     from pipeline.export import save_generator
     from pipeline.images import from_uint8
-    from pipeline.models import build_pair
 
     run_dir = run_root / "plain"
     shutil.rmtree(run_dir, ignore_errors=True)
     (run_dir / "exports").mkdir(parents=True)
     started = time.time()
-    source = ReferenceSource(str(TRAIN))
+    source = ReferenceSource(str(training_digits))
     images = torch.stack([image for _, batch in source.batches(source.count(None), 1000) for image in batch])
-    torch.manual_seed(config.seed)
-    g, d = build_pair(config.model)
-    opt_g = torch.optim.Adam(g.parameters(), lr=config.train.g_optim.lr, betas=config.train.g_optim.betas)
-    opt_d = torch.optim.Adam(d.parameters(), lr=config.train.d_optim.lr, betas=config.train.d_optim.betas)
+    loop = PlainLoop(config, torch.device("cpu"))
     batch = config.data.batch_per_rank * 2  # the quickstart's 2 ranks
     order, cursor, exports = torch.randperm(len(images)), 0, []
     for step in range(1, steps + 1):
         if cursor + batch > len(order):
             order, cursor = torch.randperm(len(images)), 0
-        real = from_uint8(images[order[cursor : cursor + batch]])
+        loop.step(from_uint8(images[order[cursor : cursor + batch]]))
         cursor += batch
-        opt_d.zero_grad()
-        fake = g(torch.randn(batch, config.model.latent_dim))
-        loss_d = F.softplus(-d(real)).mean() + F.softplus(d(fake.detach())).mean()
-        loss_d.backward()
-        opt_d.step()
-        opt_g.zero_grad()
-        F.softplus(-d(fake)).mean().backward()
-        opt_g.step()
         if step % eval_every == 0 or step == steps:
-            path = save_generator(run_dir / "exports" / f"step_{step:07d}.pt", g, config.model, step, ema=False)
+            path = save_generator(run_dir / "exports" / f"step_{step:07d}.pt", loop.g, config.model, step, ema=False)
             exports.append((path, time.time() - started))
         if step % 100 == 0 or step == steps:
             seconds = time.time() - started
@@ -142,6 +133,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--n", type=int, default=2000, help="generated and reference images per FID")
     parser.add_argument("--run-root", default="runs/bench-quality")
+    parser.add_argument("--data-root", type=Path, default=DATA, help="where mnist32/ and mnist32_test/ are (or go)")
     parser.add_argument("--label", default=None, help="name of this row in the JSON (default: the overrides)")
     parser.add_argument("--out", help="append the JSON line to this file")
     parser.add_argument("--score-only", help="score the checkpoints of this run folder instead of training")
@@ -157,11 +149,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
 
-    ensure_data()
+    ensure_data(args.data_root)
+    train_digits, test_digits = data_folders(args.data_root)
     config = load_config(REPO / args.config, args.overrides)
     steps = args.steps or config.train.steps
     if args.plain:
-        run_dir, checkpoints = train_plain(config, steps, args.eval_every, REPO / args.run_root)
+        run_dir, checkpoints = train_plain(config, steps, args.eval_every, REPO / args.run_root, train_digits)
     elif args.score_only:
         run_dir = Path(args.score_only)
         checkpoints = [(p, None) for p in sorted((run_dir / "checkpoints").glob("step_*")) if p.is_dir()]
@@ -177,8 +170,8 @@ def main() -> None:
     def stats(path: Path):
         return reference_stats(extractor, ReferenceSource(str(path)), args.n, ev.batch_size, progress=True)
 
-    test = stats(TEST)
-    floor = compare(stats(TRAIN), test, extractor, *kid_args)
+    test = stats(test_digits)
+    floor = compare(stats(train_digits), test, extractor, *kid_args)
     wanted = {int(s) for s in args.steps_scored.split(",")} if args.steps_scored else None
     rows = []
     for path, seconds in checkpoints:

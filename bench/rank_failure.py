@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report
+from harness import mnist_shards, report
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = {"deepspeed": "single_node.sh", "torchrun": "torchrun.sh"}
@@ -91,11 +91,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     from pipeline.config import load_config
-    from pipeline.data.prepare import Transform, prepare
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "mnist32"
-        prepare("mnist", shards, Transform(32, 1), samples_per_shard=128, limit=512, workers=1, progress=False)
+        mnist_shards(shards, samples_per_shard=128, workers=1)
         seconds = {name: [] for name in LAUNCHERS}
         for repeat in range(args.repeats):
             for name, script in LAUNCHERS.items():

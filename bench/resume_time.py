@@ -105,13 +105,11 @@ def main():
         args.overrides = rest
         return job(args)
 
-    from common import report
-
-    from pipeline.data.prepare import Transform, prepare
+    from harness import mnist_shards, report
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        prepare("mnist", tmp / "shards", Transform(64, 3), limit=args.images, progress=False)
+        mnist_shards(tmp / "shards", 64, 3, limit=args.images)
         print("training 2 steps on 2 ranks, then resuming from that checkpoint", flush=True)
         launch(2, tmp / "first.json", overrides(tmp / "shards", tmp / "runs", 2), save=True)
         checkpoint = tmp / "runs/resume/checkpoints/step_0000002"

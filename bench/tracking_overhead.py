@@ -30,19 +30,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report, thread_cpu_s
+from harness import bench_config, bench_trainer, mnist_shards, report, single_rank, thread_cpu_s
 
-from pipeline import engines
-from pipeline.config import load_config
-from pipeline.data.prepare import Transform, prepare
-from pipeline.dist import detect
 from pipeline.reporting.model_log import ModelLog
 from pipeline.reporting.run_records import RunRecords
 from pipeline.run import start_tracking
 from pipeline.tracking import NullTracker
 from pipeline.tracking.mlflow_tracker import MlflowTracker
 from pipeline.tracking.system_metrics import start_system_metrics
-from pipeline.train import Trainer
 
 
 def main():
@@ -55,25 +50,20 @@ def main():
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        prepare("mnist", tmp / "shards", Transform(32, 1), limit=2048, progress=False)
-        config = load_config(
-            None,
-            [
-                f"data.shards={tmp}/shards",
-                "data.workers=1",
-                f"train.run_root={tmp}/runs",
-                "train.progress=false",
-                f"train.log_every={args.log_every}",
-                "train.sample_every=20",
-                "train.checkpoint_every=100000",
-                f"tracking.system_metrics_every_s={max(1.0, args.system_metrics)}",
-                "tracking.log_model=false",  # rounds are not runs' ends: see the docstring
-            ],
+        shards = mnist_shards(tmp / "shards", limit=2048)
+        config = bench_config(
+            shards,
+            tmp / "runs",
+            "data.workers=1",
+            f"train.log_every={args.log_every}",
+            "train.sample_every=20",
+            "train.checkpoint_every=100000",
+            f"tracking.system_metrics_every_s={max(1.0, args.system_metrics)}",
+            "tracking.log_model=false",  # rounds are not runs' ends: see the docstring
         )
-        info = detect()
-        engines.init_distributed(info, 5)
+        info = single_rank()
         run_dir = tmp / "runs" / "bench"
-        trainer = Trainer(config, info, run_dir)
+        trainer = bench_trainer(config, info, run_dir)
         tracker = MlflowTracker(config.tracking, tmp / "runs")
         null = NullTracker()
         RunRecords(run_dir, config, null).write_setup(

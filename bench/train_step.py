@@ -1,9 +1,10 @@
 """Training-step images/s: our Trainer (two DeepSpeed engines) vs a plain PyTorch loop.
 
 Same DCGAN models, batch, algorithm (D step on real + detached fake, then G step through a
-frozen D) and in-memory data; the plain loop uses torch.optim.Adam and no DeepSpeed.
-One process on CPU (or the GPU when there is one), fp32, world size 1. Steps alternate in
-rounds (ours, plain, ours with model.channels_last, ...) so all see the same machine state.
+frozen D) and in-memory data; the plain loop (harness.PlainLoop) uses torch.optim.Adam and no
+DeepSpeed. One process on CPU (or the GPU when there is one), fp32, world size 1. Steps
+alternate in rounds (ours, plain, ours with model.channels_last, ...) so all see the same
+machine state.
 
     python bench/train_step.py [--resolution 32] [--batch 64] [--steps 30] [--rounds 3]
 """
@@ -15,58 +16,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import report
+from harness import PlainLoop, bench_config, bench_trainer, interleaved_rounds, mnist_shards, report, single_rank
 
-from pipeline import engines
-from pipeline.config import load_config
 from pipeline.data.loader import Batch
-from pipeline.data.prepare import Transform, prepare
-from pipeline.dist import detect
 from pipeline.images import from_uint8
-from pipeline.models.dcgan import Discriminator, Generator
-from pipeline.train import Trainer
-
-
-class PlainLoop:
-    """The reference DCGAN step, written the plain way: torch.optim.Adam, no DeepSpeed, no EMA.
-    precision bf16/fp16: torch.autocast, and for fp16 a GradScaler (torch's AMP recipe)."""
-
-    def __init__(self, config, device, precision: str = "fp32"):
-        torch.manual_seed(config.seed)
-        m = config.model
-        self.g = Generator(m.resolution, m.channels, m.latent_dim, m.g_width).to(device)
-        self.d = Discriminator(m.resolution, m.channels, m.d_width, m.d_norm).to(device)
-        o = config.train
-        self.g_opt = torch.optim.Adam(self.g.parameters(), lr=o.g_optim.lr, betas=o.g_optim.betas)
-        self.d_opt = torch.optim.Adam(self.d.parameters(), lr=o.d_optim.lr, betas=o.d_optim.betas)
-        self.latent_dim, self.device = m.latent_dim, device
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
-
-    def step(self, real):
-        z = torch.randn(real.shape[0], self.latent_dim, device=self.device)
-        with self.autocast():
-            with torch.no_grad():
-                fake = self.g(z)
-            d_loss = F.softplus(-self.d(real)).mean() + F.softplus(self.d(fake)).mean()
-        self.d_opt.zero_grad(set_to_none=True)
-        self.scaler.scale(d_loss).backward()
-        self.scaler.step(self.d_opt)
-        self.d.requires_grad_(False)
-        with self.autocast():
-            g_loss = F.softplus(-self.d(self.g(torch.randn_like(z)))).mean()
-        self.g_opt.zero_grad(set_to_none=True)
-        self.scaler.scale(g_loss).backward()
-        self.scaler.step(self.g_opt)
-        self.scaler.update()
-        self.d.requires_grad_(True)
-        return d_loss.detach(), g_loss.detach()  # not read back: a good plain loop does not wait every step
 
 
 def main():
@@ -78,63 +33,39 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        prepare(
-            "mnist",
-            Path(tmp) / "shards",
-            Transform(args.resolution, args.channels),
-            limit=args.batch * 4,
-            progress=False,
-        )
-
-        def config_with(*extra):
-            return load_config(
-                None,
-                [
-                    f"data.shards={tmp}/shards",
-                    f"data.batch_per_rank={args.batch}",
-                    "data.workers=0",
-                    f"model.resolution={args.resolution}",
-                    f"model.channels={args.channels}",
-                    f"train.run_root={tmp}/runs",
-                    "train.progress=false",
-                    *extra,
-                ],
-            )
-
-        config = config_with()
-        info = detect()
-        engines.init_distributed(info, 5)
-        trainer = Trainer(config, info, Path(tmp) / "runs" / "bench")
-        nhwc = Trainer(config_with("model.channels_last=true"), info, Path(tmp) / "runs" / "bench_nhwc")
+        tmp = Path(tmp)
+        shards = mnist_shards(tmp / "shards", args.resolution, args.channels, limit=args.batch * 4)
+        size = [f"data.batch_per_rank={args.batch}", f"model.resolution={args.resolution}"]
+        size.append(f"model.channels={args.channels}")
+        config = bench_config(shards, tmp / "runs", *size)
+        info = single_rank()
+        trainer = bench_trainer(config, info, tmp / "runs" / "bench")
+        nhwc = bench_trainer(bench_config(shards, tmp / "runs", *size, "model.channels_last=true"), info, tmp / "n")
         plain = PlainLoop(config, info.device)
         pixels = torch.randint(0, 256, (args.batch, args.resolution, args.resolution, args.channels), dtype=torch.uint8)
         in_memory = Batch(pixels, None, [], 0)  # uint8 NHWC, as the loader delivers; ours scales it each step
         real = from_uint8(pixels.to(info.device))  # the plain loop gets it ready-made
         batches = iter(lambda: in_memory, None)  # the same in-memory batch forever
 
-        def ours_rate(trainer=trainer):
-            started = time.perf_counter()
-            for _ in range(args.steps):
-                trainer.train_step(batches)
-            return args.steps * args.batch / (time.perf_counter() - started)
+        def rate(step):
+            def measure():
+                started = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                return args.steps * args.batch / (time.perf_counter() - started)
 
-        def plain_rate():
-            started = time.perf_counter()
-            for _ in range(args.steps):
-                plain.step(real)
-            return args.steps * args.batch / (time.perf_counter() - started)
+            return measure
 
-        ours_rate(), plain_rate(), ours_rate(nhwc)  # warm-up
-        ours, base, channels_last = [], [], []
-        for r in range(args.rounds):
-            ours.append(ours_rate())
-            base.append(plain_rate())
-            channels_last.append(ours_rate(nhwc))
-            print(
-                f"round {r + 1}/{args.rounds}: ours {ours[-1]:.1f} img/s, plain {base[-1]:.1f} img/s, "
-                f"ours with channels_last {channels_last[-1]:.1f} img/s",
-                flush=True,
-            )
+        rounds = interleaved_rounds(
+            {
+                "ours": rate(lambda: trainer.train_step(batches)),
+                "plain": rate(lambda: plain.step(real)),
+                "ours_channels_last": rate(lambda: nhwc.train_step(batches)),
+            },
+            args.rounds,
+            " img/s",
+        )
+        ours, base, channels_last = rounds["ours"], rounds["plain"], rounds["ours_channels_last"]
         ours_best, base_best, nhwc_best = max(ours), max(base), max(channels_last)
         print(
             f"ours (DeepSpeed engines): {ours_best:.1f} images/s; plain PyTorch: {base_best:.1f} images/s; "
@@ -153,7 +84,7 @@ def main():
             {
                 "images_per_s": round(base_best, 1),
                 "rounds": [round(x, 1) for x in base],
-                "what": "plain PyTorch loop, torch.optim.Adam, same models/batch/data",
+                "what": "plain PyTorch loop (harness.PlainLoop), torch.optim.Adam, same models/batch/data",
             },
             ours_best / base_best,
             resolution=args.resolution,

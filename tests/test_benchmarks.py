@@ -45,3 +45,61 @@ def test_loader_benchmark_runs(tmp_path):
     figures = line["figures"]["32x32x3"]
     assert line["benchmark"] == "loader_throughput" and line["workers"] == 1
     assert min(figures["raw_images_per_s"], figures["png_images_per_s"], figures["png_folder_images_per_s"]) > 0
+
+
+def bench(script: str, *args, timeout=300) -> dict:
+    """Run bench/SCRIPT with these arguments; its closing JSON line, checked to be whole."""
+    result = run([sys.executable, REPO / "bench" / script, *args], timeout=timeout)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    line = closing_json(result.stdout)
+    assert {"benchmark", "figures", "baseline", "ratio", "machine"} <= set(line) and line["ratio"] > 0
+    return line
+
+
+def test_train_step_benchmark_runs(dist_single):
+    line = bench("train_step.py", "--steps", "1", "--rounds", "1", "--batch", "8")
+    assert line["figures"]["images_per_s"] > 0 and line["baseline"]["images_per_s"] > 0
+
+
+def test_checkpoint_io_benchmark_runs(dist_single):
+    line = bench("checkpoint_io.py", "--repeats", "1")
+    assert line["benchmark"] == "checkpoint_io"
+
+
+def test_tracking_overhead_benchmark_runs(dist_single):
+    line = bench("tracking_overhead.py", "--steps", "2", "--rounds", "1", "--log-model")
+    assert line["metrics_delivered"] > 0 and line["models_logged"] >= 1
+
+
+def test_fid_speed_benchmark_runs():
+    line = bench("fid_speed.py", "--n", "20", "--batch-size", "10")
+    assert line["benchmark"] == "fid_speed"
+
+
+def test_resume_time_benchmark_runs():
+    line = bench("resume_time.py", "--images", "64", timeout=600)
+    assert line["figures"]["same_size_2_to_2_s"] > 0
+
+
+def test_rank_failure_benchmark_runs():
+    line = bench("rank_failure.py", "--repeats", "1")
+    assert line["benchmark"] == "rank_failure"
+
+
+def test_exit_codes_benchmark_runs():
+    line = bench("exit_codes.py", "--runs", "2", "--parallel", "1")
+    assert line["figures"]["wrong_exit_codes"] == 0
+
+
+def test_quality_benchmark_runs_on_its_own_data(tmp_path):
+    """The plain loop's path (no launcher: the quickstart's tests cover that one), on small
+    shards in tmp_path instead of the checkout's data/."""
+    from pipeline.data.prepare import Transform, prepare
+
+    for folder, source in (("mnist32", "mnist"), ("mnist32_test", "mnist:test")):
+        prepare(source, tmp_path / folder, Transform(32, 1), limit=64, progress=False)
+    line = bench(
+        "quality.py", "--plain", "--steps", "2", "--eval-every", "2", "--n", "20",
+        "--data-root", tmp_path, "--run-root", tmp_path / "runs", "data.batch_per_rank=8",
+    )  # fmt: skip
+    assert line["figures"]["step"] == 2 and line["baseline"]["n"] == 20
