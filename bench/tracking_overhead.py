@@ -90,7 +90,7 @@ def main():
             cpu_before, _ = thread_cpu_s(exclude=training_threads)
             sampler = None
             if args.system_metrics:
-                sampler = start_system_metrics(config.tracking, tracker.run_id, tracker.uri)
+                sampler = start_system_metrics(config.tracking, tracker.run_id, tracker.uri, "")
             if args.log_model:
                 queue_model()  # the round's timing starts while it is being logged
             seconds = timed(tracker)

@@ -30,7 +30,7 @@ from pipeline.reporting.run_records import RunRecords
 from pipeline.resize import plan_resize, resized_config
 from pipeline.tracking import NullTracker, make_tracker
 from pipeline.tracking.describe import Resumption, describe_run, open_run, training_dataset
-from pipeline.tracking.system_metrics import start_node_sampler, system_metrics_on
+from pipeline.tracking.system_metrics import sampler_node, start_node_sampler
 from pipeline.train import Trainer
 from pipeline.versions import versions
 
@@ -135,7 +135,7 @@ def start_tracking(trainer: Trainer, tracker, run_dir: Path, resumed, overrides,
         config, info, run_dir, ds_configs, training_dataset(config, trainer.loader), trainer.loader.manifest,
         versions(), fid.setup() if fid is not None else None, overrides, config_name,
     )  # fmt: skip
-    open_run(tracker, description, info.world_size, system_metrics_on(config.tracking, info.device), resumed)
+    open_run(tracker, description, info.world_size, sampler_node(config.tracking, info), resumed)
     trainer.checkpointer.run_meta = {"tracking_run_id": tracker.run_id}
 
 

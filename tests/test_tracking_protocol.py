@@ -88,7 +88,7 @@ def test_the_fid_reference_is_an_evaluation_dataset(tmp_path):
 def test_open_run_records_a_new_run_whole_and_a_resumed_one_by_what_changed(tmp_path):
     described = description(tmp_path)
     new = Recorder()
-    open_run(new, described, 2, system_metrics=False)
+    open_run(new, described, 2)
     kinds = [name for name, _, _ in new.calls]
     assert kinds[0] == "start" and {"log_params", "log_dataset", "log_artifact"} <= set(kinds)
     resumed = Recorder()

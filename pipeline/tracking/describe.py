@@ -17,8 +17,13 @@ from typing import Any
 
 from pipeline.tracking.redaction import safe_overrides
 
-# Overrides that say where or how a run goes, not what it trains: left out of its name.
-PLUMBING = ("tracking.", "train.run_", "train.progress", "train.device", "data.shards", "data.workers", "data.prefetch")
+# Overrides that say where a run goes, how it is watched or how it is fed, not what it trains:
+# left out of its name, which the UI cuts short in tables and legends.
+PLUMBING = (
+    *("tracking.", "eval.", "train.run_", "train.progress", "train.device", "data.shards", "data.workers"),
+    *("data.prefetch", "data.verify", "train.log_every", "train.sample_every", "train.checkpoint_every"),
+    *("train.keep_checkpoints", "train.sync_every", "deepspeed.timeout_minutes"),
+)
 SETUP_FILES = ("config.yaml", "ds_config_g.json", "ds_config_d.json")  # the run folder's set-up files
 
 
@@ -181,12 +186,12 @@ class Resumption:
     resize: str | None = None  # how the batch was split anew, when the world size changed
 
 
-def open_run(tracker, description: RunDescription, world_size: int, system_metrics: bool, resumed=None) -> None:
+def open_run(tracker, description: RunDescription, world_size: int, system_metrics_node=None, resumed=None) -> None:
     """Start the run on `tracker` (a new one, or the checkpoint's run when `resumed` names it) and
     record its description. Params are fixed at a run's start: a resumed run records only what
     changed, as tags and a metric."""
     run_id = resumed.run_id if resumed is not None else None
-    tracker.start(description.run_name, run_id=run_id, tags=description.tags, system_metrics=system_metrics)
+    tracker.start(description.run_name, run_id=run_id, tags=description.tags, system_metrics_node=system_metrics_node)
     if run_id:
         tracker.set_tags({"resumed_at_step": resumed.step})
         tracker.sync(Path(description.tags["run_dir"]), resumed.step)  # what an earlier job could not deliver

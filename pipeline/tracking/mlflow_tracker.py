@@ -49,9 +49,11 @@ class MlflowTracker(Tracker):
         self._system_metrics = None
 
     # ------------------------------------------------------------ training side
-    def start(self, run_name: str, run_id: str | None = None, tags: dict | None = None, system_metrics: bool = False):
+    def start(
+        self, run_name: str, run_id: str | None = None, tags: dict | None = None, system_metrics_node: str | None = None
+    ):
         """A new run, or the given one (a resumed training) set back to RUNNING; with
-        system_metrics, MLflow's own sampler thread logs this node's system/NODE/... metrics."""
+        system_metrics_node, MLflow's own sampler thread logs this node's system metrics."""
         tags = safe_params(tags or {})
         if self.config.parent_run:
             self.parent_run_id = find_or_create_parent(self.store, self.run_root, self.config.parent_run)
@@ -65,8 +67,8 @@ class MlflowTracker(Tracker):
             self.run_id = self.client.create_run(self.store.experiment_id, run_name=run_name, tags=tags).info.run_id
         self._thread = threading.Thread(target=self._deliver_forever, name="mlflow-tracking", daemon=True)
         self._thread.start()
-        if system_metrics:
-            self._system_metrics = start_system_metrics(self.config, self.run_id, self.uri)
+        if system_metrics_node is not None:
+            self._system_metrics = start_system_metrics(self.config, self.run_id, self.uri, system_metrics_node)
         log.info("tracking run %s in %s (experiment %r)", self.run_id, self.store.shown_uri, self.config.experiment)
         self.update_parent()
         return self.run_id

@@ -1,8 +1,10 @@
 """MLflow's system metrics (CPU, memory, GPU, network), sampled per node.
 
 Which ranks run it: rank 0 samples its node from its tracker; on a multi-node job with an
-http(s) store, local rank 0 of each other node samples its own (`start_node_sampler`). The
-names carry the node (system/NODE/...), as every node of a job samples into one run.
+http(s) store, local rank 0 of each other node samples its own (`start_node_sampler`). On a
+one-node job the names are MLflow's own (system/cpu_utilization_percentage...), which fill
+the run page's System metrics section; on a multi-node job they carry the node
+(system/NODE/...), one section per node, as every node samples into one run.
 """
 
 from __future__ import annotations
@@ -27,15 +29,23 @@ def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
-def start_system_metrics(tracking, run_id: str, uri: str):
+def sampler_node(tracking, info) -> str | None:
+    """Rank 0's label for its node's system metrics: None when they are off, "" on a one-node
+    job (MLflow's own names), the node's name on a multi-node job."""
+    if not system_metrics_on(tracking, info.device):
+        return None
+    return node_name() if info.nodes > 1 else ""
+
+
+def start_system_metrics(tracking, run_id: str, uri: str, node: str):
     """MLflow's system-metrics sampler of this node, started: a daemon thread that logs on its own
-    into run_id (a failure stops it, never the training)."""
+    into run_id (a failure stops it, never the training). node: "" for MLflow's own names."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     sampler = SystemMetricsMonitor(
         run_id,
         sampling_interval=tracking.system_metrics_every_s,
-        node_id=node_name(),
+        node_id=node or None,
         tracking_uri=uri,
         resume_logging=True,  # after a resume, on from the run's last system step (0 for a new run)
     )
@@ -61,4 +71,4 @@ def start_node_sampler(tracking, info, tracker):
         log.warning("system metrics: only node 0 is sampled; the other nodes need an http store (mlflow server)")
     if not remote or info.is_main or info.local_rank != 0:
         return None
-    return start_system_metrics(tracking, run_id, uri)
+    return start_system_metrics(tracking, run_id, uri, node_name())

@@ -19,8 +19,12 @@ class Tracker(Protocol):
     run_id: str | None = None
     uri: str | None = None
 
-    def start(self, run_name: str, run_id: str | None = None, tags: dict | None = None, system_metrics: bool = False):
-        """Open a new run, or reopen `run_id` (a resumed training); returns its id."""
+    def start(
+        self, run_name: str, run_id: str | None = None, tags: dict | None = None, system_metrics_node: str | None = None
+    ):
+        """Open a new run, or reopen `run_id` (a resumed training); returns its id.
+        system_metrics_node: None, no system metrics; "", this node's, in MLflow's own System
+        metrics section (a one-node job); a node name, under system/NAME/ (system_metrics.py)."""
 
     def log_params(self, params: dict) -> None:
         """Fixed at the run's start (config, DeepSpeed configs, versions)."""
