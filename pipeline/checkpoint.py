@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from pipeline.config import Config
 from pipeline.errors import UserError
-from pipeline.files import load_tensors, write_bytes_atomic
+from pipeline.files import load_tensors, require_fields, write_bytes_atomic
 from pipeline.versions import versions
 
 LATEST, BEST = "latest", "best"
@@ -159,13 +159,35 @@ def _fsync_tree(root: Path) -> None:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run folder (what `latest` names), or None."""
+    """The newest complete checkpoint of a run folder: what `latest` names, or, when that link
+    is missing or names no complete checkpoint (a copied or hand-pruned folder), the complete
+    step_N folder of the highest step. None when it holds none."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "meta.json").is_file() else None
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if (path / "meta.json").is_file():
+            return path
+    complete = [p for p in root.glob("step_*") if not p.name.endswith(".tmp") and (p / "meta.json").is_file()]
+    return max(complete, key=lambda p: p.name) if complete else None
+
+
+def work_in(run_dir: str | Path) -> list[str]:
+    """What a run folder holds of a run's work (checkpoints, records, samples, an export): a new
+    run there would overwrite it."""
+    run_dir = Path(run_dir)
+    checkpoints = list((run_dir / "checkpoints").glob("step_*"))
+    found = [f"{len(checkpoints)} checkpoint folder(s)"] if checkpoints else []
+    for name in ("metrics.jsonl", "fid.jsonl", "generator.pt"):
+        if (run_dir / name).is_file():
+            found.append(name)
+    if any((run_dir / "samples").glob("step_*.png")):
+        found.append("sample grids")
+    return found
+
+
+# What every reader of meta.json relies on (resume, export, sample, eval).
+META_FIELDS = {"step": int, "epoch": int, "world_size": int, "config": dict, "config_hash": str}
 
 
 def read_meta(path: str | Path) -> dict:
@@ -177,6 +199,7 @@ def read_meta(path: str | Path) -> dict:
         raise UserError(f"{path}/meta.json is damaged ({exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
         raise UserError(f"{path}: not a gan-pipeline checkpoint")
+    require_fields(meta, META_FIELDS, f"{path}/meta.json")
     return meta
 
 

@@ -46,6 +46,21 @@ def number(kind: type, low: float | None = None, high: float | None = None, belo
 SEED = number(int, 0, 2**32 - 1)
 
 
+def output_file(text: str) -> Path:
+    """An argparse type for a file a command writes: its folder must exist and be writable, and
+    the path must not be a folder. Checked before any work (an FID is not computed only to
+    find it cannot be saved); nothing is created by the check."""
+    path = Path(text)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file path")
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise argparse.ArgumentTypeError(f"{text} cannot be written (permission denied)")
+    return path
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (configs/*.yaml)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.workers=4")
@@ -159,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sample.add_argument("--n", type=number(int, 1, 100_000), default=64, help="number of images")
     sample.add_argument("--seed", type=SEED, default=0, help="seed of the latents")
-    sample.add_argument("--out", required=True, help="output PNG")
+    sample.add_argument("--out", required=True, type=output_file, help="output PNG")
 
     evaluate = commands.add_parser(
         "eval",
@@ -181,12 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reference", help="reference data (default: the checkpoint config's)")
     evaluate.add_argument("--config", help="YAML config whose eval section applies (default: the checkpoint's)")
     evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    evaluate.add_argument("--out", help="also write the JSON to this file")
+    evaluate.add_argument("--out", type=output_file, help="also write the JSON to this file")
     evaluate.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.kid=false eval.batch_size=50")
     evaluate.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     export = commands.add_parser("export", help="write a plain generator state dict + model config (torch only)")
     export.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder")
-    export.add_argument("--out", required=True, help="output .pt (load with torch.load(..., weights_only=True))")
+    export.add_argument(
+        "--out", required=True, type=output_file, help="output .pt (load with torch.load(..., weights_only=True))"
+    )
     return parser
 
 
@@ -285,12 +302,13 @@ def cmd_train(args) -> int:
 def cmd_sync_tracking(args) -> int:
     from pipeline.config import load_config
     from pipeline.tracking.store import connect
-    from pipeline.tracking.sync import find_run, sync_records
+    from pipeline.tracking.sync import find_run, recorded_metrics, sync_records
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.yaml)")
     config = load_config(run_dir / "config.yaml", [])
+    recorded_metrics(run_dir, None)  # the run folder's records read first: damage is named before the store is asked
     store = connect(config.tracking, config.train.run_root)  # checks that the store answers
     run = find_run(store.client, store.experiment_id, run_dir)
     delivered = sync_records(store.client, run.info.run_id, run_dir)

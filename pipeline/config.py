@@ -9,11 +9,12 @@ raises `ConfigError` naming the key, where it came from and what was expected.
 from __future__ import annotations
 
 import difflib
+import posixpath
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -210,6 +211,20 @@ class TrackingConfig(Section):
         "the alias `best` follows the lowest FID",
     )
 
+    @field_validator("registered_model")
+    @classmethod
+    def _mlflow_model_name(cls, name: str | None) -> str | None:
+        """MLflow's rule (mlflow/utils/validation.py, _validate_model_name, 3.17): checked here,
+        before training, not refused by the store at the run's end."""
+        if name is None:
+            return None
+        if not name.strip() or "/" in name or ":" in name:
+            raise ValueError(f"{name!r} is not an MLflow model name: not blank, no '/' or ':'")
+        normal = posixpath.normpath(name)
+        if normal != name or normal == "." or normal.startswith(".."):
+            raise ValueError(f"{name!r} is not an MLflow model name: it would resolve to the path {normal!r}")
+        return name
+
 
 class EvalConfig(Section):
     """FID/KID with the TF-FID Inception-v3 (see pipeline/evaluation and docs/fid.md)."""
@@ -293,6 +308,28 @@ FP16_PENALTY_REFUSED = (
 )
 
 
+YAML_VALUE_LIMIT = 100_000  # values a config may hold once its YAML aliases are expanded
+
+
+def _safe_yaml(text: str, what: str) -> Any:
+    """yaml.safe_load, refusing a document whose aliases expand past YAML_VALUE_LIMIT values (the
+    "billion laughs" pattern): PyYAML shares aliased objects, so loading is quick, but every
+    later walk (validation, an error message, a dump) expands them."""
+    value = yaml.safe_load(text)
+    seen = 0
+
+    def count(node: Any) -> None:
+        nonlocal seen
+        seen += 1
+        if seen > YAML_VALUE_LIMIT:
+            raise ConfigError(f"{what}: its YAML aliases expand to more than {YAML_VALUE_LIMIT:,} values; refused")
+        for child in node.values() if isinstance(node, dict) else node if isinstance(node, list) else ():
+            count(child)
+
+    count(value)
+    return value
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], value); the value is parsed as YAML (128 -> int, true -> bool)."""
     if "=" not in text:
@@ -302,7 +339,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(path):
         raise ConfigError(f"override {text!r}: empty key segment")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_yaml(raw, f"override {key.strip()}") if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from None
     return path, value
@@ -368,7 +405,7 @@ def load_config(
         except OSError as exc:
             raise ConfigError(f"config file {path}: cannot read ({exc.strerror})") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = _safe_yaml(text, f"config file {path}")
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path}: not valid YAML ({exc})") from None
         if loaded is None:

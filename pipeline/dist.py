@@ -105,7 +105,9 @@ def detect(device: str = "auto") -> DistInfo:
     node_rank = int(
         env.get("NODE_RANK") or env.get("CROSS_RANK") or env.get("GROUP_RANK") or rank // max(1, local_world)
     )
-    if rank == 0 and launcher != "torchrun":  # torchrun's agent holds the port itself
+    # torchrun's agent holds the port itself; a process group of this process holds it too (a
+    # command run in-process by a notebook or a test reuses that group: engines.init_distributed).
+    if rank == 0 and launcher != "torchrun" and not process_group_exists():
         _check_port_free(env["MASTER_PORT"])
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if not use_cuda and local_world > 1 and "OMP_NUM_THREADS" not in env:

@@ -20,6 +20,7 @@ Traps handled here (deepspeed 0.19.8; numbers are deepspeedai/DeepSpeed issues a
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import io
 import json
@@ -46,7 +47,7 @@ from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
 from pipeline.config import FP16_PENALTY_REFUSED, STAGE_0_REFUSED, Config, OptimizerConfig
-from pipeline.dist import DistInfo
+from pipeline.dist import DistInfo, teardown
 from pipeline.errors import NonFiniteLoss, UserError
 from pipeline.files import load_tensors
 
@@ -67,6 +68,13 @@ def init_distributed(info: DistInfo, timeout_minutes: float) -> None:
     leaves a lock file that makes every later load wait forever. One cache per environment,
     unless the user chose one, avoids both."""
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    # A process that exits with its process group alive can abort in interpreter finalization
+    # ("terminate called without an active exception", SIGABRT): gloo's worker threads still
+    # hold work whose tensors reference Python objects (pytorch/pytorch#179291, which proposes
+    # the same handler). The CLI tears down on every path; this covers whatever else calls
+    # init_distributed (test jobs, benchmarks) on an exception path. Bounded, and a no-op once
+    # the group is gone.
+    atexit.register(teardown)
     deepspeed.init_distributed(
         dist_backend=info.backend,
         auto_mpi_discovery=False,

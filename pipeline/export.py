@@ -14,7 +14,7 @@ from torch import nn
 
 from pipeline.checkpoint import generator_state, latest_checkpoint
 from pipeline.errors import UserError
-from pipeline.files import load_tensors
+from pipeline.files import load_tensors, require_fields
 from pipeline.models import build_generator
 
 FORMAT = "gan-pipeline-generator/1"
@@ -30,6 +30,10 @@ def generate(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
     sampler = copy.deepcopy(generator).train()
     parameter = next(sampler.parameters())
     return sampler(z.to(device=parameter.device, dtype=parameter.dtype))
+
+
+PAYLOAD_FIELDS = {"step": int, "ema": bool, "model": dict, "state_dict": dict}
+MODEL_FIELDS = {"resolution": int, "channels": int, "latent_dim": int, "width": int}
 
 
 def generator_payload(state_dict: dict, model: dict, step: int, ema: bool) -> dict:
@@ -74,7 +78,13 @@ def load_generator(
         payload = load_tensors(path, "checkpoint")  # named after the --checkpoint option
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise UserError(f"{path}: not a gan-pipeline generator export")
-    return generator_from_payload(payload, device), payload
+    require_fields(payload, PAYLOAD_FIELDS, f"generator {path}")
+    require_fields(payload["model"], MODEL_FIELDS, f"generator {path}, its model")
+    try:
+        return generator_from_payload(payload, device), payload
+    except (RuntimeError, TypeError, ValueError) as exc:  # weights that do not fit the model it names
+        reason = str(exc).replace("\n", " ").replace("\t", "")[:300]
+        raise UserError(f"generator {path}: its weights do not fit its model ({reason})") from None
 
 
 def generator_from_payload(payload: dict, device: str | torch.device = "cpu") -> nn.Module:

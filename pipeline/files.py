@@ -60,6 +60,20 @@ def read_json_lines(path: Path) -> list[dict]:
 DAMAGED_TORCH_FILE = (RuntimeError, EOFError, KeyError, ValueError)
 
 
+def require_fields(record: dict, fields: dict[str, type], what: str) -> None:
+    """A file of ours read back: each field present with its type, or a UserError naming the
+    file (`what`) and the field. Files written by an older or newer version, or by hand, get a
+    message instead of a KeyError deep in the code that reads them."""
+    from pipeline.errors import UserError
+
+    for name, kind in fields.items():
+        if name not in record:
+            raise UserError(f"{what} lacks the field {name!r}: damaged, or not written by this project")
+        value = record[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UserError(f"{what}: field {name!r} should be {kind.__name__}, got {type(value).__name__}")
+
+
 def keep_records_through(path: Path, step: int) -> list[dict]:
     """Drop the records of a JSON-lines log (metrics.jsonl, fid.jsonl) written after `step`, and a
     torn last line (what a kill mid-write leaves), rewriting the file atomically; returns the
@@ -69,6 +83,16 @@ def keep_records_through(path: Path, step: int) -> list[dict]:
     kept = [record for record in read_json_lines(path) if record["step"] <= step]
     write_bytes_atomic(path, "".join(json.dumps(record) + "\n" for record in kept).encode())
     return kept
+
+
+def _refusal(exc: Exception) -> str:
+    """The reason in torch's weights_only refusal ("unsupported GLOBAL posix.system ..."),
+    without its advice to load with weights_only=False, which would run the file's code."""
+    text = str(exc).rsplit("WeightsUnpickler error:", 1)[-1]
+    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    boilerplate = ("Weights only load failed", "Check the documentation")
+    kept = [p for p in paragraphs if not p.startswith(boilerplate)] or paragraphs or [""]
+    return kept[0].splitlines()[0][:200]
 
 
 def load_tensors(path: str | Path, what: str):
@@ -89,8 +113,7 @@ def load_tensors(path: str | Path, what: str):
     except IsADirectoryError:
         raise UserError(f"{what} {path} is a folder, not a file") from None
     except pickle.UnpicklingError as exc:
-        reason = str(exc).rsplit("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0][:200]
-        raise UserError(f"{what} {path} is damaged or holds more than tensors; refused ({reason})") from None
+        raise UserError(f"{what} {path} is damaged or holds more than tensors; refused ({_refusal(exc)})") from None
     except DAMAGED_TORCH_FILE as exc:
         reason = (str(exc).splitlines() or [""])[0].split(". ")[0][:200]  # torch's first sentence
         raise UserError(f"{what} {path} is damaged or not a torch file ({type(exc).__name__}: {reason})") from None

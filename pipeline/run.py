@@ -20,7 +20,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from pipeline import engines
-from pipeline.checkpoint import latest_checkpoint, read_meta
+from pipeline.checkpoint import latest_checkpoint, read_meta, work_in
 from pipeline.config import Config
 from pipeline.dist import DistInfo
 from pipeline.errors import Preempted, UserError
@@ -61,13 +61,13 @@ def resolve_run(config: Config, config_name: str, resume: str) -> tuple[Path, Pa
         )
     name = train.run_name or f"{config_name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     run_dir = Path(train.run_root) / name
-    latest = latest_checkpoint(run_dir)
-    if resume == "none" and latest is not None:
+    work = work_in(run_dir)
+    if resume == "none" and work:
         raise UserError(
-            f"run folder {run_dir} already holds checkpoints (newest {latest.name}); pass --resume auto to "
+            f"run folder {run_dir} already holds a run's work ({', '.join(work)}); pass --resume auto to "
             "continue it, or choose another train.run_name"
         )
-    return run_dir, latest
+    return run_dir, latest_checkpoint(run_dir)
 
 
 @contextlib.contextmanager

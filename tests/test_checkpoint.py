@@ -129,15 +129,20 @@ def test_resume_modes(mnist_shards, tmp_path):
         resolve_run(load_config(None, train_overrides(mnist_shards, tmp_path)), "x", "auto")
     step = tmp_path / "runs" / "r" / "checkpoints" / "step_0000003"
     step.mkdir(parents=True)
-    (step / "meta.json").write_text(json.dumps({"format": "gan-pipeline-checkpoint/1"}))
+    meta = {"format": "gan-pipeline-checkpoint/1", "step": 3, "epoch": 0, "world_size": 1, "config": {}}
+    (step / "meta.json").write_text(json.dumps(meta | {"config_hash": "h"}))
     (step.parent / "latest").write_text("step_0000003\n")
-    with pytest.raises(UserError, match="already holds checkpoints .*--resume auto"):
+    with pytest.raises(UserError, match=r"already holds a run's work \(1 checkpoint folder\(s\)\).*--resume auto"):
         resolve_run(config, "x", "none")
     assert resolve_run(config, "x", "auto") == (tmp_path / "runs" / "r", step)
     assert resolve_run(config, "x", str(tmp_path / "runs" / "r")) == (tmp_path / "runs" / "r", step)
     latest_link = str(step.parent / "latest")  # was a NotADirectoryError traceback
     assert resolve_run(config, "x", latest_link) == (tmp_path / "runs" / "r", step)
     (step.parent / "step_0000004.tmp").mkdir()  # a half-written save is never picked
+    assert resolve_run(config, "x", "auto")[1] == step
+    (step.parent / "latest").unlink()  # a lost link: the work is still seen, and still resumed
+    with pytest.raises(UserError, match="already holds a run's work"):
+        resolve_run(config, "x", "none")
     assert resolve_run(config, "x", "auto")[1] == step
 
 

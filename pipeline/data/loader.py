@@ -391,6 +391,17 @@ def _worker_init(worker_id: int) -> None:
     gc.freeze()
 
 
+def _as_ours(exc: UserError) -> UserError:
+    """A UserError raised in a DataLoader worker, as the worker raised it: torch re-raises it in
+    this process with its own banner and the worker's traceback as the message ("Caught
+    UserError in DataLoader worker process 0. Original Traceback ..."), which the CLI would
+    print whole. Our message is the traceback's last line."""
+    text = str(exc)
+    if "in DataLoader worker process" not in text:
+        return exc
+    return type(exc)(text.rstrip().rsplit(f"{type(exc).__name__}: ", 1)[-1])
+
+
 class ShardedLoader:
     """Yields `Batch`es for this rank; iterate it once per epoch (or use `forever()`)."""
 
@@ -532,6 +543,8 @@ class ShardedLoader:
                 if self.batches_consumed == len(self):
                     self._start_epoch(self.epoch + 1)
                 yield batch
+        except UserError as exc:  # from a worker, or from our own reading in this process
+            raise _as_ours(exc) from None
         finally:
             # Stop the workers here on every exit path, including an exception or close() of the
             # caller's generator: at interpreter exit DataLoader skips its own shutdown and

@@ -15,10 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import UserError
+from pipeline.files import require_fields
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "gan-pipeline-shards/1"
 INDEX_SUFFIX = ".idx.npy"
+# What every reader of a manifest relies on (the loader, stream, re-encoding, FID references).
+MANIFEST_FIELDS = {"count": int, "resolution": int, "channels": int, "splits": dict}
+SHARD_FIELDS = {"name": str, "count": int}
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,13 @@ def load_manifest(spec: str | Path) -> dict:
         raise UserError(f"manifest {path} is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise UserError(f"manifest {path}: not a {FORMAT} manifest")
+    require_fields(manifest, MANIFEST_FIELDS, f"manifest {path}")
+    for split, listing in manifest["splits"].items():
+        shards = listing.get("shards") if isinstance(listing, dict) else None
+        if not isinstance(shards, list):
+            raise UserError(f"manifest {path}: split {split!r} lists no shards")
+        for shard in shards:
+            require_fields(shard if isinstance(shard, dict) else {}, SHARD_FIELDS, f"manifest {path}, split {split!r}")
     manifest["_path"] = str(path)
     manifest["_hash"] = hashlib.sha256(raw).hexdigest()
     return manifest
