@@ -359,7 +359,8 @@ class Engine:
                 for file in state_files(folder):  # the converter unpickles every rank's file
                     if not file.name.endswith("model_states.pt"):
                         self._checked_load(file)
-                if not universal.is_dir():
+                if not (universal / UNIVERSAL_COMPLETE).is_file():  # none, or half-made: (re)build it
+                    shutil.rmtree(universal, ignore_errors=True)
                     _convert_to_universal(Path(folder), universal)
             except Exception as exc:  # every rank must hear of it, not wait for the barrier's timeout
                 failure = exc
@@ -416,9 +417,15 @@ def _flattens_parameters(ds_config: dict) -> bool:
     return half or partitions_optimizer(ds_config)
 
 
+# Written last inside a universal copy: a folder without it (copied in part, damaged, or made
+# by a version that did not mark it) is converted again rather than trusted.
+UNIVERSAL_COMPLETE = "complete"
+
+
 def _convert_to_universal(folder: Path, universal: Path) -> None:
     """Rank 0: DeepSpeed's converter from an engine folder to a universal checkpoint, written
-    to a temporary folder and renamed, so a kill midway leaves nothing half-made."""
+    to a temporary folder, marked complete and renamed, so a kill midway leaves nothing
+    half-made."""
     from deepspeed.checkpoint import ds_to_universal
 
     partial = universal.with_name(f"{universal.name}.tmp")
@@ -434,6 +441,7 @@ def _convert_to_universal(folder: Path, universal: Path) -> None:
     )
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its tqdm bars
         ds_to_universal.main(args)
+    (partial / UNIVERSAL_COMPLETE).write_text("")
     os.replace(partial, universal)
 
 
