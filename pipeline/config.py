@@ -29,7 +29,17 @@ STAGE_0_REFUSED = {
 class Section(BaseModel):
     """Base of every config section: unknown keys are errors, values are not coerced silently."""
 
-    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", strict=False, validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _fits_64_bits(cls, value: Any) -> Any:
+        """Every integer fits the 64-bit integers torch, numpy and DeepSpeed hold it in: a larger
+        one is refused here, not an OverflowError traceback later."""
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, int) and not isinstance(item, bool) and not -(2**63) <= item < 2**63:
+                raise ValueError(f"{item} does not fit in a 64-bit integer")
+        return value
 
 
 class DataConfig(Section):
@@ -94,9 +104,17 @@ class LossConfig(Section):
 
 class OptimizerConfig(Section):
     lr: float = Field(2e-4, gt=0)
-    betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas (DCGAN: beta1 = 0.5)")
+    betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas (DCGAN: beta1 = 0.5), each in [0, 1)")
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        """torch.optim.Adam's own rule, checked here rather than by Adam when the engines are built."""
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"each beta must be in [0, 1), got {list(betas)}")
+        return betas
 
 
 class DeepSpeedSection(Section):
