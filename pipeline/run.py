@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
+import types
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -86,6 +88,22 @@ def run_log(run_dir: Path, is_main: bool):
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+
+@contextlib.contextmanager
+def removed_if_set_up_fails(run_dir: Path, is_main: bool):
+    """Rank 0: a run folder this start creates is removed again when the start fails before its
+    first step (a UserError in set-up: a missing FID reference, a checkpoint that does not
+    fit): it would hold no run, only its train.log, and stand in the way of the next start as
+    a folder that "holds work". The error itself is on stderr. Set `.done` once set up."""
+    state = types.SimpleNamespace(done=False)
+    new = is_main and not run_dir.exists()
+    try:
+        yield state
+    except UserError:
+        if new and not state.done:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def build_trainer(config: Config, info: DistInfo, run_dir: Path, checkpoint: Path | None, reporters=()):
@@ -161,12 +179,13 @@ def run_training(config: Config, config_name: str, resume: str = "none", overrid
     if isinstance(decision[0], UserError):
         raise decision[0]
     run_dir, checkpoint = decision[0]
-    with run_log(run_dir, info.is_main):
+    with removed_if_set_up_fails(run_dir, info.is_main) as set_up, run_log(run_dir, info.is_main):
         reporters, fid = run_reporters(config, info, run_dir, tracker)
         trainer, resumed = build_trainer(config, info, run_dir, checkpoint, reporters)
         if info.is_main:
             reporters[0].write_setup({"g": trainer.g_engine.ds_config, "d": trainer.d_engine.ds_config})
             start_tracking(trainer, tracker, run_dir, resumed, overrides, config_name, fid)
+        set_up.done = True
         sampler = start_node_sampler(config.tracking, info, tracker)
         try:  # the tracker's end state; the CLI's teardown destroys the process group on every path
             metrics = trainer.train()

@@ -247,6 +247,8 @@ PROBES = [
         2,
         r"lacks the field 'resolution'",
     ),
+    ("shards-a-text-file", lambda s: ["stream", f"data.shards={write(s, 'notes.txt', 'hello')}"], 2, r"notes\.txt"),
+    ("fid-reference-missing", lambda s: s.train("eval.fid_every=1", f"eval.reference={s.root / 'none'}"), 2, r"none"),
     ("split-unknown", lambda s: ["stream", f"data.shards={s.shards}", "data.split=test"], 2, r"has no split 'test'"),
     # -- our checkpoint files --------------------------------------------------------------
     (
