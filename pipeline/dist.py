@@ -9,6 +9,7 @@ and MASTER_PORT; it reads no SLURM_* variable. `detect()` maps whatever launched
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import signal
@@ -198,6 +199,12 @@ def teardown(timeout_s: float = TEARDOWN_TIMEOUT_S) -> bool:
     exit code. Returns False when the destroy did not finish in time."""
     if not process_group_exists():
         return True
+    # DeepSpeed's engines hold their process groups, and reference cycles keep an engine the
+    # caller dropped alive until a garbage collection. Left to interpreter finalization, its
+    # gloo group is destroyed there, its threads still holding work whose tensors reference
+    # Python objects: the SIGABRT of pytorch/pytorch#179291, seen at a rank's exit in the
+    # 3-rank segment of tests/test_elastic.py. Collected now, while the interpreter is whole.
+    gc.collect()
     done = threading.Event()
 
     def destroy() -> None:

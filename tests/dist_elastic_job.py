@@ -88,4 +88,5 @@ if info.rank == 0:
     }
     Path(args.out).write_text(json.dumps(record))
 dist.barrier()
+trainer = None  # the engines and their process groups go first, as run_training's do (dist.teardown)
 assert teardown(), "the process group did not shut down"

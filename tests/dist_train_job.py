@@ -72,4 +72,5 @@ if info.rank == 0:
     with open(args.out, "w") as f:
         json.dump(evidence, f)
 dist.barrier()
+trainer = None  # the engines and their process groups go first, as run_training's do (dist.teardown)
 assert teardown(), "the process group did not shut down"  # the CLI's own clean end
