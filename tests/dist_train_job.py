@@ -15,6 +15,7 @@ from pipeline import engines, losses
 from pipeline.config import load_config
 from pipeline.dist import detect, teardown
 from pipeline.images import from_uint8
+from pipeline.reporting.run_records import RunRecords
 from pipeline.run import start_tracking
 from pipeline.tracking import make_tracker
 from pipeline.train import Trainer
@@ -31,7 +32,8 @@ config = load_config(None, args.overrides)
 tracker = make_tracker(config.tracking, config.train.run_root, info.is_main)  # rank 0 only
 run_dir = Path(config.train.run_root) / "dist"
 trainer = Trainer(config, info, run_dir)
-if info.is_main:
+if info.is_main:  # as run_training does: the set-up files first, then the run described to the tracker
+    RunRecords(run_dir, config, tracker).write_setup({"g": trainer.g_engine.ds_config, "d": trainer.d_engine.ds_config})
     start_tracking(trainer, tracker, run_dir, None, [], None, None)
 batches = trainer.loader.forever()
 

@@ -67,7 +67,7 @@ def test_checkpoint_io_benchmark_runs(dist_single):
 
 
 def test_tracking_overhead_benchmark_runs(dist_single):
-    line = bench("tracking_overhead.py", "--steps", "2", "--rounds", "1", "--log-model")
+    line = bench("tracking_overhead.py", "--steps", "1", "--rounds", "1", "--log-model")
     assert line["metrics_delivered"] > 0 and line["models_logged"] >= 1
 
 

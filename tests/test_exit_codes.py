@@ -23,7 +23,7 @@ from exit_codes import EXPECTED, run_ending
 # Slow tier: every test here starts processes (launchers, ranks, servers, a cluster).
 pytestmark = pytest.mark.slow
 
-REPEATS = 3  # of each ending, single-process
+REPEATS = 2  # of each ending, single-process (bench/exit_codes.py runs 200)
 
 
 def test_single_process_endings_give_their_exit_code_every_time(mnist_shards, tmp_path):

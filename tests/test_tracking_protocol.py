@@ -119,3 +119,22 @@ def test_the_queue_merges_consecutive_metrics_up_to_one_log_batch():
         queue.put(delivery.Metrics([("a", float(step), 0, step)] * 400))
     batch = queue.next_batch()
     assert len(batch) == 2 and len(delivery.merged(batch).values) == 800  # a third would pass 1000
+
+
+def test_a_missing_file_is_skipped_with_a_warning_not_retried_as_an_outage(tmp_path, caplog):
+    """A real tracker on an sqlite store: an artifact or image whose file is gone cannot come
+    back by retrying, so it must not hold the queue (and finish() its whole timeout) as an
+    unreachable store does; the metrics behind it are delivered."""
+    from pipeline.tracking.mlflow_tracker import MlflowTracker
+
+    config = load_config(None, [f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.flush_every_s=0.1"])
+    tracker = MlflowTracker(config.tracking, tmp_path)
+    tracker.start("r")
+    tracker.log_artifact(tmp_path / "never-written.yaml", "config")
+    tracker.log_image(tmp_path / "gone.png", "samples", 1)
+    tracker.log_metrics({"loss_D": 1.0}, 1)
+    with caplog.at_level("WARNING", logger="pipeline.tracking"):
+        assert tracker.wait_delivered(30)
+    tracker.finish("FINISHED")
+    assert "never-written.yaml does not exist; not uploaded" in caplog.text and "unreachable" not in caplog.text
+    assert [m.value for m in tracker.client.get_metric_history(tracker.run_id, "train/loss_D")] == [1.0]

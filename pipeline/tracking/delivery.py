@@ -74,7 +74,9 @@ class Artifact(Operation):
     folder: str | None
 
     def deliver(self, run):
-        if self.path.is_dir():
+        if not self.path.exists():  # gone, or never written: no retry can bring it, unlike an outage
+            log.warning("tracking: %s does not exist; not uploaded", self.path)
+        elif self.path.is_dir():
             run.client.log_artifacts(run.run_id, str(self.path), self.folder)
         else:
             run.client.log_artifact(run.run_id, str(self.path), self.folder)
@@ -89,6 +91,9 @@ class Image(Operation):
     def deliver(self, run):
         from PIL import Image as PILImage
 
+        if not self.path.is_file():  # as Artifact: a missing file is not an outage
+            log.warning("tracking: %s does not exist; not uploaded", self.path)
+            return
         with PILImage.open(self.path) as image:
             run.client.log_image(run.run_id, image.copy(), key=self.key, step=self.step, synchronous=True)
 
