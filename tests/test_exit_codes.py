@@ -6,7 +6,7 @@ busy, as it is on a shared node; bench/exit_codes.py repeats this 200 times.
 Also the commands' own bad-input exits: a truncated .npz, an unwritable output folder, and
 `eval --real A --real B` checking B before any work on A."""
 
-import concurrent.futures
+import json
 import os
 import random
 import subprocess
@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run, run_cli
 
 sys.path.insert(0, str(REPO / "bench"))
 from exit_codes import EXPECTED, run_ending
@@ -23,25 +23,14 @@ from exit_codes import EXPECTED, run_ending
 # Slow tier: every test here starts processes (launchers, ranks, servers, a cluster).
 pytestmark = pytest.mark.slow
 
-REPEATS = 2  # of each ending, single-process (bench/exit_codes.py runs 200)
 
-
-def test_single_process_endings_give_their_exit_code_every_time(mnist_shards, tmp_path):
-    from pipeline.dist import free_port
-
-    plan = [(ending, seed) for ending in EXPECTED for seed in range(REPEATS)]
-    random.Random(0).shuffle(plan)
-
-    def one(item):
-        ending, seed = item
-        return ending, run_ending(ending, 1, mnist_shards, tmp_path / "runs", free_port(), random.Random(seed))
-
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        results = list(pool.map(one, plan))
-    wrong = [(ending, code, tail) for ending, (code, tail) in results if code != EXPECTED[ending]]
-    assert not wrong, "\n\n".join(f"{e}: exit {c}, expected {EXPECTED[e]}\n{t}" for e, c, t in wrong)
-    for ending, (_, tail) in results:
-        assert "Traceback" not in tail, f"{ending}:\n{tail}"
+def test_single_process_endings_give_their_exit_code_and_no_traceback():
+    """bench/exit_codes.py itself (its smoke run too), each ending once, two runs at a time."""
+    result = run([sys.executable, REPO / "bench/exit_codes.py", "--each", "1", "--parallel", "2"], timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    line = json.loads(result.stdout.strip().splitlines()[-1])
+    assert line["figures"]["wrong_exit_codes"] == 0, result.stdout[-4000:]
+    assert line["figures"]["runs_per_ending"] == {f"{ending}/1": 1 for ending in EXPECTED}
 
 
 @pytest.mark.parametrize("ending", ["user_error", "divergence", "preemption"])
