@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from tests.conftest import REPO
+from tests.conftest import REPO, train_overrides
 
 CONFIG = str(REPO / "configs/mnist32.yaml")
 
@@ -29,23 +29,9 @@ CONFIG = str(REPO / "configs/mnist32.yaml")
 def finished_run(tmp_path_factory, mnist_shards, dist_single):
     """A run folder of 2 steps with a checkpoint, records and an export (trained once)."""
     root = tmp_path_factory.mktemp("probe-runs")
-    code = main(["train", "--config", CONFIG, *small(mnist_shards, root), "train.run_name=done", "train.steps=2"])
-    assert code == 0
-    return root / "done"
-
-
-def small(shards, run_root) -> list[str]:
-    return [
-        f"data.shards={shards}",
-        "data.batch_per_rank=16",
-        "data.workers=0",
-        "model.g_width=16",
-        "model.d_width=16",
-        f"train.run_root={run_root}",
-        "train.progress=false",
-        "eval.fid_every=0",
-        "tracking.enabled=false",
-    ]
+    overrides = train_overrides(mnist_shards, root, "tracking.enabled=false", "train.run_name=done", "train.steps=2")
+    assert main(["train", "--config", CONFIG, *overrides]) == 0
+    return root / "runs" / "done"
 
 
 @dataclass
@@ -61,7 +47,8 @@ class Space:
         return self.run / "checkpoints" / "step_0000002"
 
     def train(self, *overrides: str) -> list[str]:
-        return ["train", "--config", CONFIG, *small(self.shards, self.root / "runs"), *overrides]
+        small = train_overrides(self.shards, self.root, "tracking.enabled=false")
+        return ["train", "--config", CONFIG, *small, *overrides]
 
     def edit_json(self, path: Path, change: Callable[[dict], None]) -> None:
         data = json.loads(path.read_text())
