@@ -186,8 +186,9 @@ def work_in(run_dir: str | Path) -> list[str]:
     return found
 
 
-# What every reader of meta.json relies on (resume, export, sample, eval).
-META_FIELDS = {"step": int, "epoch": int, "world_size": int, "config": dict, "config_hash": str}
+# What every reader of meta.json relies on (resume, export, sample, eval), and no more: a
+# checkpoint of an older version that lacks a field no reader needs still opens.
+META_FIELDS = {"step": int, "world_size": int, "config": dict}
 
 
 def read_meta(path: str | Path) -> dict:

@@ -119,7 +119,7 @@ def build_trainer(config: Config, info: DistInfo, run_dir: Path, checkpoint: Pat
     trainer.resume(checkpoint, meta)
     step = trainer.global_step
     if info.is_main:
-        log.info("resumed from %s at step %d (epoch %d)", checkpoint, step, meta["epoch"])
+        log.info("resumed from %s at step %d (epoch %s)", checkpoint, step, meta.get("epoch", "?"))
         if resize is not None:
             log.info(resize.describe(step))
     for reporter in reporters:
