@@ -6,7 +6,7 @@ ranks agree without talking to each other.
 
 How an epoch is laid out, how a resume continues it (on any world size), and what a bad
 sample becomes: docs/data.md, "The loader: how an epoch is laid out" (the one description;
-`EpochLayout` below computes it).
+`EpochLayout` in epoch_plan.py computes it).
 
 How a batch travels from a worker: each worker builds its batches in a small ring of
 shared-memory buffers, sent to the rank once; a batch then travels as its slot number, and
@@ -28,7 +28,6 @@ import math
 import signal
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -38,6 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.config import DataConfig
 from pipeline.data.decode import BadSample, decode_sample
+from pipeline.data.epoch_plan import EpochLayout, Segment
 from pipeline.data.manifest import ShardEntry
 from pipeline.data.shards import IndexedShard, StaleIndex, iter_samples, open_indexed, resolve_shards, verify_shards
 from pipeline.errors import UserError
@@ -76,83 +76,6 @@ class _Delivery(NamedTuple):
     labels: list | None
     keys: list[str]
     n_corrupt: int
-
-
-# An earlier part of the current epoch, run with another world size or batch:
-# (world_size, batch_per_rank, batches each rank consumed). See EpochLayout.
-Segment = tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class EpochLayout:
-    """The plan's inputs that every rank shares.
-
-    Segments (elastic resume): a run resumed on another world size or batch continues the
-    epoch it stopped in. The samples each earlier segment's ranks consumed are known from
-    (world_size, batch_per_rank, batches) alone, as every plan here is a pure function; the
-    samples of the stream that remain, in stream order, are planned again with this layout,
-    the remainder rule applied to them. So nothing consumed is seen again this epoch and
-    everything else is seen once (or dropped/padded by the rule, as in any epoch)."""
-
-    counts: tuple[int, ...]  # samples per shard, in manifest / URL order
-    world_size: int
-    rank: int
-    batch_per_rank: int
-    seed: int
-    shuffle: bool
-    shuffle_window: int
-    epoch_remainder: str
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-    def batch_count(self, samples: int, world_size: int | None = None, batch_per_rank: int | None = None) -> int:
-        """Batches per rank for `samples` samples (this layout's world and batch by default)."""
-        group = (world_size or self.world_size) * (batch_per_rank or self.batch_per_rank)
-        rounding = math.ceil if self.epoch_remainder == "pad" else math.floor
-        return int(rounding(samples / group))
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.batch_count(self.total)
-
-    def remaining(self, epoch: int, history: tuple[Segment, ...]) -> np.ndarray:
-        """Stream positions of `epoch` that the segments in `history` did not consume, in order."""
-        left = np.arange(self.total, dtype=np.int64)
-        for index, (world, batch, consumed) in enumerate(history):
-            taken = [self._slice(left, world, batch, r, epoch, index)[: consumed * batch] for r in range(world)]
-            keep = np.ones(self.total, dtype=bool)
-            keep[np.concatenate(taken)] = False
-            left = left[keep[left]]
-        return left
-
-    def _slice(self, left: np.ndarray, world: int, batch: int, rank: int, epoch: int, segment: int) -> np.ndarray:
-        """Rank `rank`'s stream positions in one segment, in delivery order: its contiguous
-        slice of the positions `left`, shuffled within windows."""
-        per_rank = self.batch_count(len(left), world, batch) * batch
-        positions = left[np.arange(rank * per_rank, (rank + 1) * per_rank, dtype=np.int64) % max(len(left), 1)]
-        if self.shuffle:
-            window = math.ceil(self.shuffle_window / batch) * batch
-            # Segment 0 keeps the seeds of a run that never changed size (bit-exact resumes).
-            key = [self.seed, epoch, rank] if segment == 0 else [self.seed, epoch, segment, rank]
-            for w, start in enumerate(range(0, per_rank, window)):
-                window_rng = np.random.default_rng([*key, w])
-                positions[start : start + window] = window_rng.permutation(positions[start : start + window])
-        return positions
-
-    def rank_batches(self, epoch: int, history: tuple[Segment, ...] = ()) -> np.ndarray:
-        """(batches, batch_per_rank, 2) array of (shard index, sample index in shard): this rank's
-        batches of `epoch` after the segments in `history`."""
-        counts = np.asarray(self.counts, dtype=np.int64)
-        rng = np.random.default_rng([self.seed, epoch])
-        shard_order = rng.permutation(len(counts)) if self.shuffle else np.arange(len(counts))
-        ends = np.cumsum(counts[shard_order])  # stream position where each (ordered) shard ends
-        left = self.remaining(epoch, history)
-        positions = self._slice(left, self.world_size, self.batch_per_rank, self.rank, epoch, len(history))
-        slot = np.searchsorted(ends, positions, side="right")
-        first = ends[slot] - counts[shard_order][slot]
-        return np.stack([shard_order[slot], positions - first], axis=-1).reshape(-1, self.batch_per_rank, 2)
 
 
 class _StreamDataset(IterableDataset):
@@ -419,7 +342,7 @@ class ShardedLoader:
     def _start_epoch(self, epoch: int, history: tuple[Segment, ...] = (), consumed: int = 0) -> None:
         """Stand at batch `consumed` of `epoch`, after the earlier segments `history`."""
         self.epoch, self.history, self.batches_consumed = epoch, history, consumed
-        self._length = self.layout.batch_count(len(self.layout.remaining(epoch, history))) if history else None
+        self._length = self.layout.batch_count(self.layout.remaining_count(epoch, history)) if history else None
         if consumed == len(self):  # the epoch is used up (or its segment has no whole batch left)
             self._start_epoch(epoch + 1)
 
@@ -449,7 +372,7 @@ class ShardedLoader:
             int(state.get("world_size", layout.world_size)),
             int(state.get("batch_per_rank", layout.batch_per_rank)),
         )
-        saved_length = layout.batch_count(len(layout.remaining(epoch, history)), *saved)
+        saved_length = layout.batch_count(layout.remaining_count(epoch, history), *saved)
         if not 0 <= consumed <= saved_length:
             raise UserError(f"loader state: {consumed} batches consumed of a {saved_length}-batch epoch")
         if saved != (layout.world_size, layout.batch_per_rank) and 0 < consumed < saved_length:
