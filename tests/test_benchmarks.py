@@ -99,3 +99,9 @@ def test_quality_benchmark_runs_on_its_own_data(tmp_path):
         "--data-root", tmp_path, "--run-root", tmp_path / "runs", "data.batch_per_rank=8",
     )  # fmt: skip
     assert line["figures"]["step"] == 2 and line["baseline"]["n"] == 20
+
+
+def test_scale_plan_benchmark_runs():
+    """Small sizes; the coverage check inside it is exact and fails the run if it fails."""
+    line = bench("scale_plan.py", "--sizes", "1e5", "--worlds", "8,64", "--elastic", "64,40", "--coverage", "1e5,16,10")
+    assert line["figures"]["coverage"]["drop"]["histogram"]["1"] > 0 and line["meets_goal"]

@@ -18,6 +18,7 @@ arrays, sample for sample; tests/test_epoch_plan.py holds that version as its re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,12 +170,11 @@ class EpochLayout:
         whole = taken // window * window if self.shuffle else taken  # consumed whole windows
         partial = taken - whole  # consumed samples of the next window
 
-        def window_taken(rank: int) -> tuple[int, np.ndarray]:
-            """(first index, unwrapped) and the consumed offsets of rank's half-read window."""
-            start = rank * per_rank + whole
-            length = min(window, per_rank - whole)
-            order = self._window_order(epoch, segment, rank, whole // window, length)
-            return start, order[:partial]
+        def window_taken(rank: int) -> tuple[int, int, Callable[[], np.ndarray]]:
+            """Rank's half-read window: its first index (unwrapped), its length, and a function
+            giving the offsets in it that the rank consumed (the first of its permutation)."""
+            first, length = rank * per_rank + whole, min(window, per_rank - whole)
+            return first, length, lambda: self._window_order(epoch, segment, rank, whole // window, length)[:partial]
 
         span = world * per_rank
         z = min(n, max(0, span - n))
@@ -187,8 +187,8 @@ class EpochLayout:
                     lo, hi = max(start, lap * n) - lap * n, min(start + whole, lap * n + n) - lap * n
                     free[lo : min(hi, z)] = False
                 if partial:
-                    first, offsets = window_taken(rank)
-                    points = (first + offsets) % n
+                    first, _, offsets = window_taken(rank)
+                    points = (first + offsets()) % n
                     free[points[points < z]] = False
             listed = np.flatnonzero(free).astype(np.int64)
             pieces.append((0, len(listed), listed))
@@ -196,12 +196,11 @@ class EpochLayout:
             start, end = rank * per_rank, min((rank + 1) * per_rank, n)
             rest = start + whole  # the first index this rank did not consume whole
             if partial:
-                first, offsets = window_taken(rank)
-                length = min(window, per_rank - whole)
+                first, length, offsets = window_taken(rank)
                 if z <= first and first + length <= n:
                     pieces.append((first, length - partial, _unconsumed(first, length, offsets)))
                 else:  # a window astride z (or n): list its part in [z, n) now
-                    unread = np.delete(np.arange(first, first + length, dtype=np.int64), offsets)
+                    unread = np.delete(np.arange(first, first + length, dtype=np.int64), offsets())
                     unread = unread[(unread >= z) & (unread < n)]
                     pieces.append((first, len(unread), unread))
                 rest = first + length
@@ -213,10 +212,11 @@ class EpochLayout:
         return _Remainder(parent, pieces)
 
 
-def _unconsumed(first: int, length: int, offsets: np.ndarray):
-    """The sorted indices of a half-read window that its rank did not consume, made when asked."""
+def _unconsumed(first: int, length: int, offsets):
+    """The sorted indices of a half-read window that its rank did not consume, made when asked
+    (its permutation too: made for every earlier rank, they would cost O(world x window))."""
 
     def listing() -> np.ndarray:
-        return np.delete(np.arange(first, first + length, dtype=np.int64), offsets)
+        return np.delete(np.arange(first, first + length, dtype=np.int64), offsets())
 
     return listing
