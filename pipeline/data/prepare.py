@@ -40,7 +40,7 @@ from tqdm import tqdm
 import pipeline
 from pipeline.data.decode import BadSample, open_image
 from pipeline.data.manifest import FORMAT, INDEX_SUFFIX, MANIFEST_NAME, index_table, sha256_file
-from pipeline.data.sources import Item, cpu_count, iter_chunks, open_source
+from pipeline.data.sources import Item, cpu_count, iter_chunks, open_source, part_range
 from pipeline.errors import UserError
 from pipeline.files import write_json_atomic
 
@@ -266,6 +266,20 @@ def _commit(staging: Path, out_dir: Path, manifest: dict) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def _commit_part(staging: Path, out_dir: Path, part: tuple[int, int], manifest: dict) -> Path:
+    """Swap the staged part in for OUT_DIR/parts/I: two renames, between which the part is
+    missing (a merge then names it), never half old and half new."""
+    manifest["part"] = {"index": part[0], "of": part[1]}
+    write_json_atomic(staging / MANIFEST_NAME, manifest)
+    final = out_dir / "parts" / str(part[0])
+    old = final.with_name(f".{part[0]}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
 def prepare(
     source_spec: str,
     out_dir: str | Path,
@@ -279,7 +293,16 @@ def prepare(
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    label_field: str | None = None,
+    allow_pipe: bool = False,
+    part: tuple[int, int] | None = None,
 ) -> PrepareSummary:
+    """Prepare SOURCE into OUT_DIR; with `part` (I, N), only the I-th of N parts of the source,
+    into OUT_DIR/parts/I/ (see merge_parts), replacing that part if it is there."""
+    if part is not None and not 0 <= part[0] < part[1]:
+        raise UserError(f"--part {part[0]}/{part[1]}: I must be in 0..N-1")
+    if part is not None and limit:
+        raise UserError("--limit cannot be combined with --part (a part's share would not be the whole's)")
     if samples_per_shard < 1:
         raise UserError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
     if not 0.0 <= val_fraction < 1.0:
@@ -287,18 +310,23 @@ def prepare(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output {out_dir} exists and is not a folder")
-    if _existing_output(out_dir) and not overwrite:
+    if part is None and _existing_output(out_dir) and not overwrite:
         raise UserError(f"{out_dir} already holds shards or a manifest; pass --overwrite to replace them")
-    source = open_source(source_spec, use_labels=use_labels, subset=subset)
+    source = open_source(source_spec, use_labels, subset, label_field, allow_pipe, part)
     items = source.items[:limit] if limit else source.items
+    if part is not None and source.kind != "webdataset":  # a shard set listed only its part's shards
+        items = items[part_range(len(items), part).start : part_range(len(items), part).stop]
     if not items:
-        raise UserError(f"source {source_spec} holds no images")
+        which = f"part {part[0]}/{part[1]} of " if part else ""
+        raise UserError(f"{which}source {source_spec} holds no images")
 
-    staging = out_dir / f".staging-{os.getpid()}"
+    # A part is staged beside its folder, as `.I.staging-PID`; the rest, inside OUT_DIR.
+    stage_in, stage_name = (out_dir / "parts", f".{part[0]}.") if part else (out_dir, ".")
+    staging = stage_in / f"{stage_name}staging-{os.getpid()}"
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(".staging-*"):  # left by a killed run (SIGKILL cannot clean up)
-            shutil.rmtree(stale, ignore_errors=True)
+        stage_in.mkdir(parents=True, exist_ok=True)
+        for stale in [*stage_in.glob(f"{stage_name}staging-*"), *stage_in.glob(f"{stage_name}old-*")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed run (SIGKILL cannot clean up)
         staging.mkdir()
     except OSError as exc:
         raise UserError(f"cannot write into {out_dir} ({exc.strerror}): choose a folder you can write") from None
@@ -374,7 +402,10 @@ def prepare(
             "rejects": len(rejects),
             "splits": splits,
         }
-        _commit(staging, out_dir, manifest)
+        if part is None:
+            _commit(staging, out_dir, manifest)
+        else:
+            out_dir = _commit_part(staging, out_dir, part, manifest)
     except BaseException as exc:
         executor.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(staging, ignore_errors=True)

@@ -36,10 +36,10 @@ def scheme_of(url: str) -> str:
     return "" if len(parsed.scheme) <= 1 else parsed.scheme  # "C:" style drive letters are local
 
 
-def check_allowed(url: str, allow_pipe: bool) -> None:
+def check_allowed(url: str, allow_pipe: bool, allowed_by: str = "the config sets data.allow_pipe: true") -> None:
     scheme = scheme_of(url)
     if scheme == "pipe" and not allow_pipe:
-        raise UserError(f"shard URL {url!r} runs a shell command; refused unless the config sets data.allow_pipe: true")
+        raise UserError(f"shard URL {url!r} runs a shell command; refused unless {allowed_by}")
     if scheme not in ("", "file", "pipe", *REMOTE_SCHEMES):
         raise UserError(f"shard URL {url!r}: unsupported scheme {scheme!r} (use a path, file:, http(s): or pipe:)")
 

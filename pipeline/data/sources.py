@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import os
 import pickle
 import struct
@@ -19,14 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import braceexpand
 import numpy as np
 
 from pipeline.data.decode import IMAGE_EXTENSIONS, RAW_EXTENSION, BadSample, decode_raw, is_image_name
 from pipeline.data.manifest import MANIFEST_NAME, load_manifest, manifest_shards
-from pipeline.data.shards import check_present, iter_samples
+from pipeline.data.shards import check_allowed, check_present, iter_samples, scheme_of
 from pipeline.errors import UserError
 
 BUILTIN_MNIST = ("mnist", "mnist:train", "mnist:test")
+FOREIGN_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 @dataclass
@@ -51,11 +54,36 @@ class Source:
         return {"spec": self.spec, "kind": self.kind, "items": len(self.items), **self.extra}
 
 
-def open_source(spec: str, use_labels: bool = True, subset: str = "train") -> Source:
-    """Recognise SOURCE (a path or `mnist[:train|:test]`) and list its items."""
+def part_range(count: int, part: tuple[int, int] | None) -> range:
+    """The items (or shards) of part I of N: the I-th of N contiguous, near-equal ranges."""
+    if part is None:
+        return range(count)
+    index, parts = part
+    return range(count * index // parts, count * (index + 1) // parts)
+
+
+def is_shard_set(spec: str) -> bool:
+    """A WebDataset shard set written by another tool: tar URLs, a brace pattern or a `::` list
+    of them (webdataset's own list separator)."""
+    first = spec.split("::")[0]
+    return scheme_of(first) != "" or "{" in first or (first.lower().endswith(".tar") and not _is_cifar10(Path(first)))
+
+
+def open_source(
+    spec: str,
+    use_labels: bool = True,
+    subset: str = "train",
+    label_field: str | None = None,
+    allow_pipe: bool = False,
+    part: tuple[int, int] | None = None,
+) -> Source:
+    """Recognise SOURCE (a path, a shard set or `mnist[:train|:test]`) and list its items (a
+    shard set: only the shards of `part`, the others' items are left to their own parts)."""
     if spec in BUILTIN_MNIST:
         which = spec.split(":")[1] if ":" in spec else subset
         return _builtin_mnist(spec, which, use_labels)
+    if is_shard_set(spec):
+        return _shard_set(spec, use_labels, label_field, allow_pipe, part)
     path = Path(spec)
     if not path.exists():
         raise UserError(f"source not found: {spec}")
@@ -77,8 +105,8 @@ def open_source(spec: str, use_labels: bool = True, subset: str = "train") -> So
         return _cifar10(path, subset, use_labels)
     raise UserError(
         f"unknown source {spec}: expected a folder of images, a .zip of images, a prepared dataset "
-        "(its manifest.json or folder), MNIST idx files "
-        "(*-images-idx3-ubyte[.gz] or a folder of them), the CIFAR-10 python tarball, a .npz with a "
+        "(its manifest.json or folder), WebDataset tar shards (a path, URL, brace pattern or '::' list), "
+        "MNIST idx files (*-images-idx3-ubyte[.gz] or a folder of them), the CIFAR-10 python tarball, a .npz with a "
         "uint8 image array, or the built-in 'mnist' / 'mnist:test'"
     )
 
@@ -273,6 +301,56 @@ def _prepared(path: Path, use_labels: bool) -> Source:
                 )
     names = (manifest.get("labels") or {}).get("class_names") if use_labels else None
     return Source(str(path), "prepared", items, names, {"converted_from": manifest.get("image_ext")})
+
+
+def _shard_set(spec: str, use_labels: bool, label_field: str | None, allow_pipe: bool, part) -> Source:
+    """WebDataset shards written by another tool (img2dataset, webdataset.ShardWriter, a Hugging
+    Face export): any key scheme, the image as a jpg/jpeg/png/webp member, the label from `.cls`
+    or from a field of the sample's `.json`. A sample is keyed by its place in the set (shard
+    number, sample number), which any part of the set knows alone: a part reads only its own
+    shards. A sample without an image, or without a label where the others have one, is a
+    reject. The encoded images are held in memory until written, as for the other sources: a
+    part holds its share (see `prepare --part`)."""
+    urls = [url for pattern in spec.split("::") for url in braceexpand.braceexpand(pattern)]
+    for url in urls:
+        check_allowed(url, allow_pipe, "--allow-pipe is given")
+    chosen = part_range(len(urls), part)
+    check_present([urls[s] for s in chosen])
+    width = max(6, len(str(len(urls) - 1)))
+    items = []
+    for shard in chosen:
+        for position, key, files in iter_samples(urls[shard]):
+            payload, label = _foreign_sample(files, use_labels, label_field)
+            source_id = f"{urls[shard]}#{key}"
+            items.append(Item(len(items), source_id, payload, label, key=f"{shard:0{width}d}_{position:09d}"))
+    labelled = [item.label for item in items if item.label is not None]
+    names = None
+    if labelled:
+        for item in items:
+            if item.label is None and not isinstance(item.payload, Exception):
+                missing = f"{label_field!r} in its .json" if label_field else ".cls"
+                item.payload = BadSample(f"no label ({missing}) where other samples have one")
+        names = [str(c) for c in range(max(labelled) + 1)]
+    extra = {"shards": len(urls), "part": list(part) if part else None}
+    return Source(spec, "webdataset", items, names, extra)
+
+
+def _foreign_sample(files: dict, use_labels: bool, label_field: str | None) -> tuple:
+    """(payload, label) of one foreign sample; a payload that is an exception is a reject."""
+    ext = next((e for e in FOREIGN_IMAGE_EXTENSIONS if e in files), None)
+    if ext is None:
+        return BadSample(f"no image member (has: {', '.join(sorted(files)) or 'nothing'})"), None
+    if not use_labels:
+        return files[ext], None
+    try:
+        if label_field is None:
+            return files[ext], int(files["cls"]) if "cls" in files else None
+        value = json.loads(files["json"])[label_field] if "json" in files else None
+    except (ValueError, KeyError, TypeError) as exc:
+        return BadSample(f"unreadable label ({type(exc).__name__}: {exc})"), None
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        return BadSample(f"label {label_field}={value!r} is not a class index (an integer >= 0)"), None
+    return files[ext], value
 
 
 def _is_cifar10(path: Path) -> bool:
