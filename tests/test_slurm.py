@@ -343,3 +343,27 @@ def test_sweep_array_runs_one_training_per_line_as_children_of_one_parent_run(cl
     assert table["differing_params"] == ["seed", "train.steps"]
     rows = {(row["seed"], row["train.steps"], row["step"]) for row in table["children"]}
     assert rows == {("1", "2", 2), ("2", "3", 3)}
+
+
+def test_prepare_as_an_array_then_the_merge_equals_one_process(cluster, tmp_path):
+    """slurm/prepare.sbatch as a 3-task array over a foreign shard set; its first task submits
+    the merge, which runs after all three. The merged dataset holds exactly what one process
+    prepares from the same source: keys, bytes, labels, splits, in order."""
+    from pipeline.data.prepare import Transform, prepare
+    from tests.test_prepare_parts import samples, writer_shards
+
+    source = writer_shards(tmp_path / "foreign", shards=4, per_shard=5, broken={"sample_0259x7"})
+    options = ["--resolution", 16, "--channels", 3, "--samples-per-shard", 4, "--val-fraction", 0.25]
+    array = sbatch(
+        cluster, tmp_path, "--array=0-2", "--cpus-per-task=1", REPO / "slurm/prepare.sbatch", source, "out", *options
+    )
+    for task in range(3):
+        assert wait_job(cluster, f"{array}_{task}", 180)["JobState"] == "COMPLETED"
+    log = (tmp_path / f"prepare-{array}_0.log").read_text()
+    merge = log.split("slurm: merge job ")[1].split()[0]
+    assert wait_job(cluster, merge, 180)["JobState"] == "COMPLETED", (
+        tmp_path / f"prepare-merge-{merge}.log"
+    ).read_text()
+    prepare(source, tmp_path / "whole", Transform(16, 3), samples_per_shard=4, val_fraction=0.25, progress=False)
+    assert samples(tmp_path / "out") == samples(tmp_path / "whole")
+    assert len((tmp_path / "out/rejects.jsonl").read_text().splitlines()) == 1
