@@ -105,3 +105,8 @@ def test_scale_plan_benchmark_runs():
     """Small sizes; the coverage check inside it is exact and fails the run if it fails."""
     line = bench("scale_plan.py", "--sizes", "1e5", "--worlds", "8,64", "--elastic", "64,40", "--coverage", "1e5,16,10")
     assert line["figures"]["coverage"]["drop"]["histogram"]["1"] > 0 and line["meets_goal"]
+
+
+def test_prepare_throughput_benchmark_runs():
+    line = bench("prepare_throughput.py", "--images", "40", "--rounds", "1")
+    assert line["figures"]["shards_2_workers"] > 0 and line["images"] == 40

@@ -1,6 +1,7 @@
 """`pipeline prepare`: every source kind, the transform, shard layout, manifest, and bad input."""
 
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -365,3 +366,24 @@ def test_converting_a_truncated_dataset_is_a_clear_error(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "train-000001.tar holds 1 of the 10 samples its manifest lists (truncated?)" in result.stderr
     assert not (tmp_path / "png" / "manifest.json").exists()
+
+
+def test_shards_are_byte_for_byte_what_tarfile_writes(tmp_path):
+    """The writer builds tar members itself (in the pool workers); a shard must stay exactly
+    what tarfile.addfile + close wrote before, headers, padding and end of archive included."""
+    from pipeline.data.prepare import ShardWriter
+
+    members = [("a", b""), ("b" * 96, b"x" * 511), ("c" * 95, b"y" * 512), ("long/" * 25 + "d", b"z" * 513)]
+    members += [(f"{i:09d}", bytes(range(256)) * i) for i in range(1, 40)]
+    with tarfile.open(tmp_path / "reference.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(f"{name}.raw")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    writer = ShardWriter(tmp_path, "train", len(members), "raw")
+    for name, data in members:
+        writer.write(name, data, None)
+    shard = writer.close()["shards"][0]
+    reference = (tmp_path / "reference.tar").read_bytes()
+    assert (tmp_path / "train-000000.tar").read_bytes() == reference
+    assert shard["bytes"] == len(reference) and shard["sha256"] == hashlib.sha256(reference).hexdigest()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ class BadSample(ValueError):
 
 
 def is_image_name(name: str | Path) -> bool:
-    return Path(name).suffix.lower().removeprefix(".") in IMAGE_EXTENSIONS
+    return os.path.splitext(name)[1].lower().removeprefix(".") in IMAGE_EXTENSIONS
 
 
 def open_image(source: bytes | str | Path) -> Image.Image:
