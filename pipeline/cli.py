@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--allow-pipe", action="store_true", help="shard sets: allow pipe: URLs (they run commands)")
     prep.add_argument("--part", type=part_spec, metavar="I/N", help="prepare part I of N into OUT/parts/I")
     prep.add_argument("--merge", metavar="OUT_DIR", default=None, help="merge OUT_DIR/parts/* into one manifest")
+    prep.add_argument(
+        "--index-only",
+        action="store_true",
+        help="shard sets whose images already have the side and channels: write our manifest and indexes "
+        "beside them, rewriting nothing",
+    )
 
     stream = commands.add_parser(
         "stream",
@@ -240,6 +246,16 @@ def cmd_prepare(args) -> int:
         return 0
     if args.source is None or args.out_dir is None:
         raise UserError("prepare needs SOURCE and OUT_DIR (or --merge OUT_DIR)")
+    if args.index_only:
+        from pipeline.data.index_only import index_only
+
+        if args.part is not None or args.label_field or args.val_fraction or args.image_format != "raw":
+            raise UserError(
+                "--index-only writes no shards: it takes no --part, --label-field, --val-fraction or --format"
+            )
+        summary = index_only(args.source, args.out_dir, args.resolution, args.channels, not args.no_labels)
+        print(summary.line().replace("prepared", "indexed", 1))
+        return 0
     # Unset options default to a prepared source's own layout (re-encoding keeps it), else 32x32x1.
     layout = {"resolution": 32, "channels": 1, "samples_per_shard": 1000} | prepared_layout(args.source)
     layout |= {k: v for k in layout if (v := getattr(args, k)) is not None}

@@ -202,3 +202,49 @@ def test_a_part_run_again_replaces_itself_and_a_bad_part_stops_the_merge(tmp_pat
     prepare(source, tmp_path / "out", Transform(32, 1), part=(1, 3), **options)
     code, out = cli(capsys, "prepare", "--merge", str(tmp_path / "out"))
     assert code == 2 and "part 1 differs from part 0 in resolution" in out
+
+
+def fixed_size_shards(folder, odd=None) -> str:
+    """webdataset.ShardWriter shards of 16x16 RGB png and jpg images with .cls; `odd`: the index
+    of one sample made 20x16 instead."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(folder / "f-%06d.tar"), maxcount=6, verbose=0) as sink:
+        for i in range(14):
+            size = (20, 16) if i == odd else (16, 16)
+            fmt = "png" if i % 2 else "jpg"
+            sink.write(
+                {
+                    "__key__": f"k{i:03d}",
+                    "cls": i % 3,
+                    fmt: encoded(picture(i, size), fmt.upper().replace("JPG", "JPEG")),
+                }
+            )
+    return str(folder / "f-{000000..000002}.tar")
+
+
+def test_index_only_reads_foreign_shards_in_place(tmp_path, capsys, caplog):
+    import hashlib
+
+    source = fixed_size_shards(tmp_path / "foreign")
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "foreign").iterdir()}
+    code, out = cli(capsys, "prepare", source, tmp_path / "index", "--index-only")
+    assert code == 0 and "indexed 14 images" in out
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "foreign").iterdir()} == before
+    manifest = load_manifest(tmp_path / "index")
+    assert (manifest["resolution"], manifest["channels"], manifest["labels"]["num_classes"]) == (16, 3, 3)
+    loader = ShardedLoader(load_config_data(tmp_path / "index"), seed=0)
+    seen = {key: (batch.images[0].numpy(), int(batch.labels[0])) for batch in loader for key in batch.keys}
+    assert "walking its tar headers" not in caplog.text  # read through our indexes
+    assert loader.corrupt_samples == 0 and sorted(seen) == [f"k{i:03d}" for i in range(14)]
+    fmt = {1: "PNG", 0: "JPEG"}
+    for i in (0, 5):
+        image, label = seen[f"k{i:03d}"]
+        expected = np.asarray(Image.open(io.BytesIO(encoded(picture(i, (16, 16)), fmt[i % 2]))))
+        assert label == i % 3 and np.array_equal(image, expected)
+
+    odd = fixed_size_shards(tmp_path / "odd", odd=8)
+    code, out = cli(capsys, "prepare", odd, tmp_path / "odd-index", "--index-only")
+    assert code == 2 and "1 sample(s) are not 16x16 images with 3 channel(s) as they are" in out
+    assert "f-000001.tar#k008: 20x16 RGB" in out and not (tmp_path / "odd-index/manifest.json").exists()
+    code, out = cli(capsys, "prepare", "http://127.0.0.1:9/a.tar", tmp_path / "x", "--index-only")
+    assert code == 2 and "--index-only needs local shards" in out
