@@ -6,6 +6,8 @@
 Figures: images/s through the TF-FID Inception (5.7 GFLOPs per 299x299 image), the whole
 FID's seconds, and the achieved GFLOP/s. Baseline, in the same process: the device's
 measured fp32 matmul rate (TF32 off), so the ratio is the share of fp32 peak that FID reaches.
+Also the cost of precision/recall/density/coverage on top (k = 5, the same n features on
+each side), in seconds and as a share of the FID's seconds (goal: under 10%).
 """
 
 import argparse
@@ -16,6 +18,7 @@ from harness import report
 
 from pipeline.evaluation.fid import compare, generated_stats
 from pipeline.evaluation.inception import InceptionFeatures
+from pipeline.evaluation.stats import precision_recall_density_coverage
 from pipeline.models.dcgan import Generator
 
 GFLOP_PER_IMAGE = 5.7
@@ -50,6 +53,10 @@ def main() -> None:
     stats = generated_stats(extractor, generator, args.n, args.batch_size, seed=0, progress=True)
     result = compare(stats, stats, extractor, kid_subsets=100, kid_subset_size=1000, seed=0)
     seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    prdc = precision_recall_density_coverage(stats.kid_features, stats.kid_features, 5, device=device)
+    prdc_seconds = time.perf_counter() - started
+    print(f"precision/recall/density/coverage of {args.n} vs {args.n}: {prdc_seconds:.2f} s ({prdc})")
     rate = args.n / seconds
     peak = matmul_gflops(device, 8192 if cuda else 2048)
     achieved = rate * GFLOP_PER_IMAGE
@@ -59,7 +66,14 @@ def main() -> None:
     )
     report(
         "fid_speed",
-        {"n": args.n, "seconds": round(seconds, 2), "images_per_s": round(rate, 2), "gflops": round(achieved, 1)},
+        {
+            "n": args.n,
+            "seconds": round(seconds, 2),
+            "images_per_s": round(rate, 2),
+            "gflops": round(achieved, 1),
+            "prdc_seconds": round(prdc_seconds, 3),
+            "prdc_share_of_fid": round(prdc_seconds / seconds, 4),
+        },
         {"fp32_matmul_gflops": round(peak, 1)},
         achieved / peak,
         device=device.type,

@@ -11,10 +11,12 @@ The train-minutes column is wall time from the launch to the checkpoint (start-u
 checkpoint writes included: what a user waits), on this machine with every core busy.
 
     python bench/quality.py                                       # configs/mnist32.yaml
-    python bench/quality.py --config configs/mnist32_mlp.yaml --eval-every 1000
+    python bench/quality.py --config configs/mnist32_mlp.yaml --eval-every 4690
     python bench/quality.py --label lr4e-4 train.g_optim.lr=4e-4  # one lever changed
+    python bench/quality.py --train-images 1000 --label diffaugment 'train.augment=[translation,cutout,color]'
 
-Prints a table (step, train minutes, FID, KID, FID/floor) and ends with one JSON line;
+--train-images N trains on the first N training digits only (the floor still uses 2000).
+Prints a table (step, train minutes, FID, KID, FID/floor, precision, recall) and ends with one JSON line;
 --out appends that line to a JSON-lines file (docs/lab-log.md, "Sample quality", is built from one).
 """
 
@@ -63,12 +65,19 @@ def data_folders(root: Path) -> tuple[Path, Path]:
     return root / "mnist32", root / "mnist32_test"
 
 
-def ensure_data(root: Path) -> None:
-    """The 32x32 MNIST shards of both subsets (prepared once, as the quickstart does)."""
-    for out, subset in zip(data_folders(root), ("train", "test"), strict=True):
+def ensure_data(root: Path, train_images: int | None = None) -> Path | None:
+    """The 32x32 MNIST shards of both subsets (prepared once, as the quickstart does), and of
+    the first `train_images` training digits if asked (returned)."""
+    wanted = [*zip(data_folders(root), ("mnist:train", "mnist:test"), (None, None), strict=True)]
+    limited = root / f"mnist32_first{train_images}" if train_images else None
+    if limited:
+        wanted.append((limited, "mnist:train", train_images))
+    for out, source, limit in wanted:
         if not (out / "manifest.json").exists():
-            prepare = [sys.executable, "-m", "pipeline", "prepare", f"mnist:{subset}", str(out)]
-            subprocess.run([*prepare, "--resolution", "32", "--channels", "1", "--no-progress"], check=True, cwd=REPO)
+            prepare = [sys.executable, "-m", "pipeline", "prepare", source, str(out), "--resolution", "32"]
+            prepare += ["--channels", "1", "--no-progress", *(["--limit", str(limit)] if limit else [])]
+            subprocess.run(prepare, check=True, cwd=REPO)
+    return limited
 
 
 def train(config: str, ranks: int, steps: int, eval_every: int, run_root: Path, overrides: list[str]) -> tuple:
@@ -145,12 +154,15 @@ def main() -> None:
     )
     parser.add_argument("--steps-scored", help="comma-separated steps to score (default: every checkpoint)")
     parser.add_argument("--plain", action="store_true", help="train with the plain PyTorch loop instead")
+    parser.add_argument("--train-images", type=int, help="train on the first N training digits only")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
 
-    ensure_data(args.data_root)
+    limited = ensure_data(args.data_root, args.train_images)
     train_digits, test_digits = data_folders(args.data_root)
+    if limited:
+        args.overrides = [f"data.shards={limited}", *args.overrides]
     config = load_config(REPO / args.config, args.overrides)
     steps = args.steps or config.train.steps
     if args.plain:
@@ -165,7 +177,7 @@ def main() -> None:
 
     ev = config.eval
     extractor = InceptionFeatures(torch.device("cpu"), ev.inception_weights, ev.allow_nonstandard_weights)
-    kid_args = (ev.kid_subsets, min(ev.kid_subset_size, args.n), ev.seed)
+    kid_args = (ev.kid_subsets, min(ev.kid_subset_size, args.n), ev.seed, ev.prdc_k)
 
     def stats(path: Path):
         return reference_stats(extractor, ReferenceSource(str(path)), args.n, ev.batch_size, progress=True)
@@ -191,17 +203,19 @@ def main() -> None:
                     "fid": round(scored["fid"], 2),
                     "kid": round(scored["kid"], 5),
                     "fid_over_floor": round(scored["fid"] / floor["fid"], 2),
+                    **{name: round(scored[name], 4) for name in ("precision", "recall", "density", "coverage")},
                     "ema": payload["ema"],
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
 
     print(f"\nfloor (n={args.n} train vs {args.n} test): FID {floor['fid']:.2f}  KID {floor['kid']:.5f}")
-    print(f"{'step':>6} {'variant':>11} {'train min':>9} {'FID':>7} {'KID':>8} {'FID/floor':>9}")
+    print(f"floor precision {floor['precision']:.3f} recall {floor['recall']:.3f}")
+    print(f"{'step':>6} {'variant':>11} {'train min':>9} {'FID':>7} {'KID':>8} {'FID/floor':>9} {'P':>6} {'R':>6}")
     for r in rows:
         minutes = "-" if r["train_min"] is None else f"{r['train_min']:.2f}"
-        ratio = r["fid_over_floor"]
-        print(f"{r['step']:>6} {r['variant']:>11} {minutes:>9} {r['fid']:>7.2f} {r['kid']:>8.5f} {ratio:>9.2f}")
+        scores = f"{r['fid']:>7.2f} {r['kid']:>8.5f} {r['fid_over_floor']:>9.2f}"
+        print(f"{r['step']:>6} {r['variant']:>11} {minutes:>9} {scores} {r['precision']:>6.3f} {r['recall']:>6.3f}")
     final = next(r for r in reversed(rows) if r["variant"] == rows[0]["variant"])
     label = args.label or (" ".join(args.overrides) or "as shipped")
     world_size = 1 if args.plain else read_meta(checkpoints[-1][0])["world_size"]
@@ -212,14 +226,21 @@ def main() -> None:
             "kid": final["kid"],
             "train_min": final["train_min"],
             "step": final["step"],
+            **{name: final[name] for name in ("precision", "recall", "density", "coverage")},
             "rows": rows,
         },
-        {"floor_fid": round(floor["fid"], 2), "floor_kid": round(floor["kid"], 5), "n": args.n},
+        {
+            "floor_fid": round(floor["fid"], 2),
+            "floor_kid": round(floor["kid"], 5),
+            **{f"floor_{name}": round(floor[name], 4) for name in ("precision", "recall", "density", "coverage")},
+            "n": args.n,
+        },
         final["fid"] / floor["fid"],
         config=args.config,
         label=label,
         ranks=args.ranks,
         world_size=world_size,
+        train_images=args.train_images,
     )
     if args.out:
         with open(args.out, "a") as f:

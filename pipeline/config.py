@@ -139,6 +139,11 @@ class DeepSpeedSection(Section):
 
 class TrainConfig(Section):
     steps: int = Field(2000, ge=1, description="G updates (global steps)")
+    augment: list[Literal["translation", "cutout", "color"]] = Field(
+        default_factory=list,
+        description="DiffAugment (Zhao et al. 2020) on every image D sees, real and generated, in both steps and "
+        "the penalties: any of translation, cutout, color; [] = off",
+    )
     g_optim: OptimizerConfig = Field(default_factory=OptimizerConfig)
     d_optim: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr_decay: Literal["none", "linear"] = Field(
@@ -277,6 +282,12 @@ class EvalConfig(Section):
     kid: bool = Field(True, description="also compute KID from the same features")
     kid_subsets: int = Field(100, ge=1, description="KID: random subsets averaged")
     kid_subset_size: int = Field(1000, ge=2, description="KID: images per subset (capped at the smaller set)")
+    prdc: bool = Field(
+        True,
+        description="also compute precision, recall, density and coverage from the same features "
+        "(on at most 10,000 images of each set)",
+    )
+    prdc_k: int = Field(5, ge=1, description="precision/recall/density/coverage: the k of the k-NN balls")
     inception_weights: str | None = Field(
         None,
         description="path of the TF-FID Inception TorchScript; "

@@ -9,6 +9,7 @@ pipeline/run.py chooses for each rank.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ import psutil
 import torch
 
 from pipeline import engines, losses
+from pipeline.augment import diff_augment
 from pipeline.checkpoint import Checkpointer, CheckpointParts, read_meta
 from pipeline.config import Config
 from pipeline.data.loader import ShardedLoader
@@ -86,6 +88,13 @@ class Trainer:
         the weights are NHWC too (engines.Engine), which saves reordering each kernel per call."""
         return images.contiguous(memory_format=torch.channels_last) if self.config.model.channels_last else images
 
+    def d_input(self, images: torch.Tensor) -> torch.Tensor:
+        """What D sees of real or generated images: with train.augment, DiffAugment's transforms
+        drawn from the step generator (pipeline/augment.py), in D's layout."""
+        if self.config.train.augment:
+            images = diff_augment(images, self.config.train.augment, self.rng)
+        return self.d_layout(images)
+
     def latents(self, n: int) -> torch.Tensor:
         z = torch.randn(n, self.config.model.latent_dim, generator=self.rng, device=self.device)
         return z.to(self.dtype)
@@ -95,13 +104,15 @@ class Trainer:
         kind = self.config.loss.kind
         with torch.no_grad():
             fake = self.d_layout(self.g_engine.module(self.latents(real.shape[0])))  # raw G: no hooks, no graph
-        d_real = self.d_engine(real).float()
-        d_fake = self.d_engine(fake).float()
+        d_real = self.d_engine(self.d_input(real)).float()
+        d_fake = self.d_engine(self.d_input(fake)).float()
         loss = losses.d_loss(kind, d_real, d_fake)
         penalty = 0.0  # added to what D minimises; loss_D stays the game's value
         # The penalties differentiate D's input gradient: D's eager forward (a compiled one has
         # no double backward), and with fp16 that gradient taken at the loss scale.
         d_eager, scale = self.d_engine.eager_forward, self.d_engine.loss_scale or 1.0
+        if self.config.train.augment:  # the penalties' D sees what D's loss sees
+            d_eager = functools.partial(_augmented, self.d_input, self.d_engine.eager_forward)
         if kind == "wgan-gp":
             gp = losses.gradient_penalty(d_eager, real, fake, self.rng, scale)
             loss = loss + self.config.loss.gp_weight * gp
@@ -123,7 +134,7 @@ class Trainer:
         Calling the D *engine* here would fire its backward hook inside g_engine.backward
         (DeepSpeed #7665), and unfrozen D params get gradients twice at ZeRO-2 (#4923)."""
         with self.d_engine.frozen():
-            fake = self.d_layout(self.g_engine(self.latents(batch_size)))
+            fake = self.d_input(self.g_engine(self.latents(batch_size)))
             loss = losses.g_loss(self.config.loss.kind, self.d_engine.module(fake).float())
             self.g_engine.backward(loss)
             norm = self.g_engine.step()
@@ -281,6 +292,11 @@ class Trainer:
         return save_generator(
             path, self.sampling_generator(), self.config.model, self.global_step, self.ema is not None
         )
+
+
+def _augmented(d_input, discriminator, images: torch.Tensor) -> torch.Tensor:
+    """D of the augmented images: what the gradient penalties differentiate with train.augment."""
+    return discriminator(d_input(images))
 
 
 def _check_data_matches_model(config: Config, shape: tuple | None) -> None:

@@ -36,8 +36,13 @@ def losses_of(trainer, steps):
 # weights too: their loaded Adam state is NCHW, which must not change a single update.
 @pytest.mark.parametrize(
     "precision",
-    [(), ("deepspeed.precision=bf16", "deepspeed.zero_stage=1"), ("model.channels_last=true",)],
-    ids=["fp32", "bf16-zero1", "fp32-channels-last"],
+    [
+        (),
+        ("deepspeed.precision=bf16", "deepspeed.zero_stage=1"),
+        ("model.channels_last=true",),
+        ("train.augment=[translation,cutout,color]", "loss.r1_gamma=1"),  # DiffAugment draws from the step rng
+    ],
+    ids=["fp32", "bf16-zero1", "fp32-channels-last", "fp32-diffaugment-r1"],
 )
 def test_checkpoint_contents_and_exact_continuation(dist_single, mnist_shards, tmp_path, precision):
     trainer = make(dist_single, mnist_shards, tmp_path, "data.workers=1", *precision)

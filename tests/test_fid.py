@@ -16,7 +16,13 @@ from scipy import linalg
 from pipeline.errors import UserError
 from pipeline.evaluation import inception
 from pipeline.evaluation.fid import ReferenceSource, compare, reference_stats, verdict
-from pipeline.evaluation.stats import FeatureStats, frechet_distance, kid, kid_subset_sum
+from pipeline.evaluation.stats import (
+    FeatureStats,
+    frechet_distance,
+    kid,
+    kid_subset_sum,
+    precision_recall_density_coverage,
+)
 from tests.conftest import REPO, TORCHRUN_2, run, run_cli, train_overrides
 
 
@@ -101,6 +107,26 @@ def test_kid_is_the_unbiased_polynomial_mmd():
     same = torch.randn(400, 16, dtype=torch.float64)
     assert abs(kid(same[:200], same[200:], subsets=20, subset_size=100)) < 0.05  # unbiased: ~0 for one distribution
     assert kid(x, y, subsets=5, subset_size=30) > 0.05
+
+
+@pytest.mark.parametrize(("n_real", "n_fake", "k", "block"), [(700, 600, 5, 256), (300, 450, 3, 1024), (64, 64, 1, 7)])
+def test_precision_recall_density_coverage_match_the_prdc_package(n_real, n_fake, k, block):
+    """Against the authors' package (Naeem et al., pypi prdc 0.2) on the same features: real
+    rows, and fake rows partly off the real manifold, so precision and recall are neither 0 nor 1."""
+    import contextlib
+    import io
+
+    from prdc import compute_prdc
+
+    rng = np.random.default_rng(n_real)
+    real = rng.normal(size=(n_real, 32))
+    fake = np.concatenate([rng.normal(size=(n_fake // 2, 32)) * 0.7, rng.normal(size=(n_fake - n_fake // 2, 32)) + 1.5])
+    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
+        expected = compute_prdc(real, fake, k)
+    ours = precision_recall_density_coverage(torch.from_numpy(real), torch.from_numpy(fake), k, block=block)
+    assert 0 < ours["precision"] < 1 and 0 < ours["recall"] < 1
+    for name, value in expected.items():
+        assert ours[name] == pytest.approx(float(value), rel=1e-6), name
 
 
 def test_two_rank_reduction_equals_one_rank(tmp_path):
@@ -335,6 +361,11 @@ def test_training_logs_fid_and_keeps_the_best_checkpoint(fid_run):
     history = client.get_metric_history(run_id, "eval/fid")
     assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["fid"])) for r in records]
     assert len(client.get_metric_history(run_id, "eval/kid")) == 2
+    for name in ("precision", "recall", "density", "coverage"):
+        assert all(r["prdc_k"] == 5 and 0 <= r[name] <= (5 if name == "density" else 1) for r in records)
+        assert [m.value for m in client.get_metric_history(run_id, f"eval/{name}")] == [
+            pytest.approx(r[name]) for r in records
+        ]
     tags = client.get_run(run_id).data.tags
     assert json.loads(tags["fid.protocol"])["weights_sha256"] == inception.WEIGHTS_SHA256
     assert tags["fid.n_reference"] == "16" and tags["best_fid_step"] == str(best["step"])
@@ -413,6 +444,8 @@ def test_standalone_eval_matches_training_on_one_and_two_ranks(fid_run):
     two = json.loads(multi.stdout.strip().splitlines()[-1])
     assert two["world_size"] == 2 and two["n_generated"] == 12
     assert two["fid"] == pytest.approx(one["fid"], rel=1e-6) and two["kid"] == pytest.approx(one["kid"], rel=1e-6)
+    for name in ("precision", "recall", "density", "coverage"):  # the same features, on every rank count
+        assert one[name] == pytest.approx(logged[name], rel=1e-6) and two[name] == pytest.approx(one[name], rel=1e-6)
 
 
 def test_eval_argument_errors_are_clear(fid_run, tmp_path, capsys):

@@ -37,13 +37,14 @@ from pipeline.evaluation.stats import (
     broadcast_tensor,
     frechet_distance,
     kid,
+    precision_recall_density_coverage,
 )
 from pipeline.export import generate
 from pipeline.files import write_bytes_atomic, write_json_atomic
 from pipeline.images import to_uint8
 
 log = logging.getLogger("pipeline.evaluation")
-KID_MAX_ROWS = 10_000  # features kept per set for KID: a seeded random subset beyond this
+KID_MAX_ROWS = 10_000  # features kept per set for KID and PRDC: a seeded random subset beyond this
 
 
 @dataclass
@@ -53,7 +54,7 @@ class SetStats:
     n: int
     mu: np.ndarray
     sigma: np.ndarray
-    kid_features: torch.Tensor  # float32, at most KID_MAX_ROWS rows
+    kid_features: torch.Tensor  # float32, at most KID_MAX_ROWS rows: for KID and precision/recall/density/coverage
     describe: dict  # where the images came from
 
 
@@ -337,11 +338,22 @@ def compare(
     kid_subsets: int | None,
     kid_subset_size: int,
     seed: int,
+    prdc_k: int | None = None,
 ) -> dict:
-    """Collective. FID computed on rank 0 and broadcast (one value everywhere); KID over ranks."""
+    """Collective. FID, and precision/recall/density/coverage with k = prdc_k (if set), computed
+    on rank 0 from the features every rank holds, and broadcast (one value everywhere); KID over
+    ranks."""
     rank, _ = _rank_world()
     fid = frechet_distance(generated.mu, generated.sigma, reference.mu, reference.sigma) if rank == 0 else None
     result = {"fid": broadcast_object(fid)}
+    if prdc_k and min(len(generated.kid_features), len(reference.kid_features)) <= prdc_k:
+        log.warning("precision/recall/density/coverage skipped: a set has no more than k = %d images", prdc_k)
+    elif prdc_k:
+        prdc = None
+        if rank == 0:
+            real, fake = reference.kid_features, generated.kid_features
+            prdc = precision_recall_density_coverage(real, fake, prdc_k, device=extractor.device)
+        result |= broadcast_object(prdc) | {"prdc_k": prdc_k}
     if kid_subsets:
         result["kid"] = kid(
             generated.kid_features, reference.kid_features, kid_subsets, kid_subset_size, seed, device=extractor.device
@@ -386,9 +398,9 @@ class FidEvaluator:
         generated = generated_stats(
             self.extractor, generator, n_generated or ev.n_generated, ev.batch_size, ev.seed, self.progress
         )
-        result = compare(
-            generated, self.reference, self.extractor, ev.kid_subsets if ev.kid else None, ev.kid_subset_size, ev.seed
-        )
+        kid_subsets = ev.kid_subsets if ev.kid else None
+        prdc_k = ev.prdc_k if ev.prdc else None
+        result = compare(generated, self.reference, self.extractor, kid_subsets, ev.kid_subset_size, ev.seed, prdc_k)
         if self.floor is not None:
             result |= {"fid_floor": self.floor, "fid_over_floor": result["fid"] / self.floor}
         return result | {"seconds": round(time.perf_counter() - started, 2)}
@@ -429,7 +441,8 @@ def compare_sets(a: str, b: str, config, device: torch.device, progress: bool = 
     sets = [
         reference_stats(extractor, source, ev.n_reference, ev.batch_size, ev.cache_dir, progress) for source in sources
     ]
-    result = compare(sets[0], sets[1], extractor, ev.kid_subsets if ev.kid else None, ev.kid_subset_size, ev.seed)
+    kid_subsets, prdc_k = ev.kid_subsets if ev.kid else None, ev.prdc_k if ev.prdc else None
+    result = compare(sets[0], sets[1], extractor, kid_subsets, ev.kid_subset_size, ev.seed, prdc_k)
     result["n_a"], result["n_b"], result["a"], result["b"] = sets[0].n, sets[1].n, sets[0].describe, sets[1].describe
     for k in ("n_generated", "n_reference", "generated", "reference"):
         result.pop(k)

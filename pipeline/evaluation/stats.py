@@ -170,3 +170,41 @@ def kid(
     rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
     local = kid_subset_sum(features_a, features_b, range(rank, subsets, world), subset_size, seed, device)
     return float(all_reduce_sum(torch.tensor([local], dtype=torch.float64)).item()) / subsets
+
+
+def _kth_neighbour_radii(features: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """Each row's distance to its k-th nearest neighbour in the same set (the row itself, at
+    distance 0, is the first of the k + 1 nearest, as in the prdc package)."""
+    return torch.cat(
+        [
+            torch.cdist(features[i : i + block], features).kthvalue(k + 1, dim=1).values
+            for i in range(0, len(features), block)
+        ]
+    )
+
+
+def precision_recall_density_coverage(
+    real: torch.Tensor, fake: torch.Tensor, k: int = 5, block: int = 1024, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """Precision and recall (Kynkäänniemi et al. 2019, arXiv:1904.06991), density and coverage
+    (Naeem et al. 2020, arXiv:2002.09797) of two feature sets, as the authors' `prdc` package
+    computes them (Euclidean k-NN balls; tests/test_fid.py holds us to it): precision, the share
+    of fake rows inside some real row's ball; recall, of real rows inside some fake row's ball;
+    density, the mean count of real balls holding a fake row, over k; coverage, the share of
+    real balls holding a fake row. In float64, a block of real rows at a time, so memory is
+    block x rows rather than rows^2 (10,000 rows: 80 MB, not 800 MB per distance matrix)."""
+    real, fake = real.to(device, torch.float64), fake.to(device, torch.float64)
+    real_radii, fake_radii = _kth_neighbour_radii(real, k, block), _kth_neighbour_radii(fake, k, block)
+    in_real_balls = torch.zeros(len(fake), dtype=torch.float64, device=device)  # per fake row: real balls holding it
+    recalled = covered = 0
+    for i in range(0, len(real), block):
+        distances = torch.cdist(real[i : i + block], fake)  # real rows x fake rows
+        in_real_balls += (distances < real_radii[i : i + block, None]).sum(dim=0)
+        recalled += int((distances < fake_radii[None, :]).any(dim=1).sum())
+        covered += int((distances.min(dim=1).values < real_radii[i : i + block]).sum())
+    return {
+        "precision": float((in_real_balls > 0).double().mean()),
+        "recall": recalled / len(real),
+        "density": float(in_real_balls.mean()) / k,
+        "coverage": covered / len(real),
+    }

@@ -63,10 +63,11 @@ class FidScores(Reporter):
             self.tracker.log_metrics({"best_fid": result["fid"]}, step)  # sortable in the runs table
             self.tracker.update_parent()
         log.info(
-            "step %d FID %.3f%s (n_generated=%d, n_reference=%d, %.0f s); best %.3f at step %d",
+            "step %d FID %.3f%s%s (n_generated=%d, n_reference=%d, %.0f s); best %.3f at step %d",
             step,
             result["fid"],
             f" KID {result['kid']:.5f}" if "kid" in result else "",
+            f" precision {result['precision']:.3f} recall {result['recall']:.3f}" if "precision" in result else "",
             result["n_generated"],
             result["n_reference"],
             result["seconds"],
