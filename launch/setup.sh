@@ -11,7 +11,7 @@ if [ ! -x .venv/bin/python ]; then
     echo "setup: creating .venv with $($python --version)"
     "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
+# (pip as the venv brings it: a self-upgrade cost CI several seconds and no feature we use)
 # Pin the CPU build explicitly: an unpinned torch pulls a multi-GB CUDA build.
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[$extra]"

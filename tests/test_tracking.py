@@ -270,7 +270,7 @@ def test_end_of_run_waits_a_bounded_time_when_the_server_stays_down(mnist_shards
             "pipeline",
             "train",
             *train_overrides(
-                mnist_shards, tmp_path, "train.steps=200", "train.run_name=d", "tracking.flush_timeout_s=3"
+                mnist_shards, tmp_path, "train.steps=100", "train.run_name=d", "tracking.flush_timeout_s=3"
             ),
         ],
         cwd=REPO,
@@ -291,30 +291,30 @@ def test_end_of_run_waits_a_bounded_time_when_the_server_stays_down(mnist_shards
         raise
     assert proc.returncode == 0, stderr[-3000:]  # training itself succeeded
     # The end of the run, from its last step to giving up on delivery, takes flush_timeout_s (3 s)
-    # and the end's own work, whatever the 200 steps took on a busy machine.
-    last_step = next(line for line in stderr.splitlines() if "step 200/200" in line)
+    # and the end's own work, whatever the 100 steps took on a busy machine.
+    last_step = next(line for line in stderr.splitlines() if "step 100/100" in line)
     gave_up = next(line for line in stderr.splitlines() if "not delivered" in line)
     assert 3 <= logged_at(gave_up) - logged_at(last_step) < 30, (last_step, gave_up)
-    assert len(metrics_file.read_text().splitlines()) == 200  # the local record is complete
+    assert len(metrics_file.read_text().splitlines()) == 100  # the local record is complete
 
     # The server is back after the job: sync-tracking delivers what the run lacks, once.
     mlflow_server.start()
     env = {"MLFLOW_TRACKING_URI": mlflow_server.url}
     client = MlflowClient(mlflow_server.url)
     run_id = client.search_runs([client.get_experiment_by_name("dcgan").experiment_id])[0].info.run_id
-    assert len(steps_of(client, run_id)) < 200
+    assert len(steps_of(client, run_id)) < 100
     with open(metrics_file, "a") as f:
-        f.write('{"step": 201, "loss_')  # a torn last line, as a kill during a write leaves one
+        f.write('{"step": 101, "loss_')  # a torn last line, as a kill during a write leaves one
     synced = run_cli("sync-tracking", tmp_path / "runs" / "d", env=env, timeout=120)
     assert synced.returncode == 0, synced.stderr[-3000:]
     assert "dropped a torn last line" in synced.stderr
-    assert steps_of(client, run_id) == list(range(1, 201)) and steps_of(client, run_id, "train/D_x") == list(
-        range(1, 201)
+    assert steps_of(client, run_id) == list(range(1, 101)) and steps_of(client, run_id, "train/D_x") == list(
+        range(1, 101)
     )
-    assert [a.path for a in client.list_artifacts(run_id, "images") if "samples+step+200+" in a.path]
+    assert [a.path for a in client.list_artifacts(run_id, "images") if "samples+step+100+" in a.path]
     again = run_cli("sync-tracking", tmp_path / "runs" / "d", env=env, timeout=120)
     assert f"run {run_id}: delivered 0 metric value(s) and 0 sample grid(s)" in again.stdout
-    assert steps_of(client, run_id) == list(range(1, 201))  # nothing twice
+    assert steps_of(client, run_id) == list(range(1, 101))  # nothing twice
     missing = run_cli("sync-tracking", tmp_path / "nowhere", env=env, timeout=60)
     assert missing.returncode == 2 and "is not a run folder (no config.yaml)" in missing.stderr
 
