@@ -23,14 +23,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import braceexpand
 import numpy as np
 from PIL import Image
 
 import pipeline
 from pipeline.data.manifest import FORMAT, INDEX_SUFFIX, MANIFEST_NAME, index_table, sha256_file
 from pipeline.data.prepare import PrepareSummary
-from pipeline.data.shards import local_path, split_key
+from pipeline.data.shards import expand_urls, local_path, split_key
 from pipeline.data.sources import FOREIGN_IMAGE_EXTENSIONS
 from pipeline.errors import UserError
 from pipeline.files import write_json_atomic
@@ -43,7 +42,7 @@ def index_only(
 ) -> PrepareSummary:
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    urls = [url for pattern in spec.split("::") for url in braceexpand.braceexpand(pattern)]
+    urls = expand_urls(spec)
     paths = [local_path(url) for url in urls]
     if any(path is None for path in paths):
         raise UserError(f"--index-only needs local shards (an index holds byte offsets): {urls[paths.index(None)]}")

@@ -356,7 +356,8 @@ def prepare(
     source = open_source(source_spec, use_labels, subset, label_field, allow_pipe, part)
     items = source.items[:limit] if limit else source.items
     if part is not None and source.kind != "webdataset":  # a shard set listed only its part's shards
-        items = items[part_range(len(items), part).start : part_range(len(items), part).stop]
+        share = part_range(len(items), part)
+        items = items[share.start : share.stop]
     if not items:
         which = f"part {part[0]}/{part[1]} of " if part else ""
         raise UserError(f"{which}source {source_spec} holds no images")

@@ -300,6 +300,11 @@ def open_indexed(entry: ShardEntry) -> IndexedShard | None:
         return None
 
 
+def expand_urls(spec: str) -> list[str]:
+    """The shard URLs of a spec: brace patterns, several joined by `::` (webdataset's list separator)."""
+    return [url for pattern in spec.split("::") for url in braceexpand.braceexpand(pattern)]
+
+
 def count_samples(url: str) -> int:
     return sum(1 for _ in iter_samples(url, wanted=lambda i: False))
 

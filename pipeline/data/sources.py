@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import braceexpand
 import numpy as np
 
 from pipeline.data.decode import IMAGE_EXTENSIONS, RAW_EXTENSION, BadSample, decode_raw, is_image_name
 from pipeline.data.manifest import MANIFEST_NAME, load_manifest, manifest_shards
-from pipeline.data.shards import check_allowed, check_present, iter_samples, scheme_of
+from pipeline.data.shards import check_allowed, check_present, expand_urls, iter_samples, scheme_of
 from pipeline.errors import UserError
 
 BUILTIN_MNIST = ("mnist", "mnist:train", "mnist:test")
@@ -320,7 +319,7 @@ def _shard_set(spec: str, use_labels: bool, label_field: str | None, allow_pipe:
     shards. A sample without an image, or without a label where the others have one, is a
     reject. The encoded images are held in memory until written, as for the other sources: a
     part holds its share (see `prepare --part`)."""
-    urls = [url for pattern in spec.split("::") for url in braceexpand.braceexpand(pattern)]
+    urls = expand_urls(spec)
     for url in urls:
         check_allowed(url, allow_pipe, "--allow-pipe is given")
     chosen = part_range(len(urls), part)
