@@ -193,6 +193,11 @@ def test_a_part_run_again_replaces_itself_and_a_bad_part_stops_the_merge(tmp_pat
     assert code == 2 and out.strip().endswith(
         "part 1 is damaged: " + str(tmp_path / "out/parts/1/train-000001.tar") + " 3 bytes, not 10240"
     )
+    part_manifest = tmp_path / "out/parts/1/manifest.json"
+    fields = json.loads(part_manifest.read_text())
+    part_manifest.write_text(json.dumps({k: v for k, v in fields.items() if k != "source"}))
+    code, out = cli(capsys, "prepare", "--merge", str(tmp_path / "out"))
+    assert code == 2 and "part 1 is damaged" in out and "lacks the field 'source'" in out and "Traceback" not in out
     (tmp_path / "out/parts/1/manifest.json").unlink()
     code, out = cli(capsys, "prepare", "--merge", str(tmp_path / "out"))
     assert code == 2 and "part 1 is incomplete or damaged: manifest not found" in out

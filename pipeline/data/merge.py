@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.data.manifest import MANIFEST_NAME, load_manifest
 from pipeline.data.prepare import REJECTS_NAME, PrepareSummary
 from pipeline.errors import UserError
-from pipeline.files import write_bytes_atomic, write_json_atomic
+from pipeline.files import require_fields, write_bytes_atomic, write_json_atomic
 
 # What every part must share with the others for their union to be one dataset.
 SHARED = ("format", "resolution", "channels", "image_ext", "sample", "transform", "samples_per_shard", "split")
@@ -56,8 +56,8 @@ def merge_parts(out_dir: str | Path) -> PrepareSummary:
         manifest = manifests[index]
         for split, listing in manifest["splits"].items():
             merged = splits.setdefault(split, {"count": 0, "shards": []})
-            merged["count"] += listing["count"]
             for shard in listing["shards"]:
+                merged["count"] += shard["count"]
                 shard = dict(shard, name=f"parts/{index}/{shard['name']}")
                 if shard.get("index"):
                     shard["index"] = dict(shard["index"], name=f"parts/{index}/{shard['index']['name']}")
@@ -97,6 +97,12 @@ def _read_part(folder: Path, index: int) -> dict:
     stamp = manifest.get("part")
     if not isinstance(stamp, dict) or stamp.get("index") != index or not isinstance(stamp.get("of"), int):
         raise UserError(f"part {index}: {folder / MANIFEST_NAME} is not the manifest of part {index} ({stamp=})")
+    # What the merge reads beyond the manifest's common fields (load_manifest checked those).
+    what = f"part {index} is damaged: {folder / MANIFEST_NAME}"
+    require_fields(manifest, {"source": dict}, what)
+    require_fields(manifest["source"], {"used_items": int}, what)
+    if manifest.get("labels") is not None:
+        require_fields(manifest["labels"] if isinstance(manifest["labels"], dict) else {}, {"num_classes": int}, what)
     for listing in manifest["splits"].values():
         for shard in listing["shards"]:
             path = folder / shard["name"]
@@ -104,7 +110,10 @@ def _read_part(folder: Path, index: int) -> dict:
             if size != shard.get("bytes"):
                 found = "missing" if size is None else f"{size} bytes, not {shard.get('bytes')}"
                 raise UserError(f"part {index} is damaged: {path} {found}")
-            if shard.get("index") and not (folder / shard["index"]["name"]).is_file():
+            index_entry = shard.get("index")
+            if index_entry and not (isinstance(index_entry, dict) and isinstance(index_entry.get("name"), str)):
+                raise UserError(f"{what}: shard {shard['name']} has a malformed index entry")
+            if index_entry and not (folder / index_entry["name"]).is_file():
                 raise UserError(f"part {index} is damaged: {folder / shard['index']['name']} missing")
     return manifest
 
