@@ -132,6 +132,8 @@ def incompatibilities(saved: dict, config: Config, world_size: int) -> list[str]
             old = _compared(saved["config"], key)
         except KeyError:  # a setting newer than the checkpoint: it ran with today's default
             old = _compared(defaults, key)
+        if isinstance(old, dict):  # settings of the section newer than the checkpoint: today's defaults
+            old = _compared(defaults, key) | old
         new = _compared(current, key)
         if old != new and not (resized and key in RESPLIT):
             problems.append(f"{key}: checkpoint {json.dumps(old)}, now {json.dumps(new)}")

@@ -189,6 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=number(int, 1, 100_000), default=64, help="number of images")
     sample.add_argument("--seed", type=SEED, default=0, help="seed of the latents")
     sample.add_argument("--out", required=True, type=output_file, help="output PNG")
+    sample.add_argument(
+        "--class",
+        dest="chosen_class",
+        type=number(int, 0),
+        help="class-conditional generators: draw only this class (default: every class, one per column)",
+    )
 
     evaluate = commands.add_parser(
         "eval",
@@ -217,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True, help="a checkpoint folder or a run folder")
     export.add_argument(
         "--out", required=True, type=output_file, help="output .pt (load with torch.load(..., weights_only=True))"
+    )
+    export.add_argument(
+        "--class",
+        dest="chosen_class",
+        type=number(int, 0),
+        help="class-conditional generators: an export that draws this class by default (and as an MLflow model)",
     )
     return parser
 
@@ -392,21 +404,27 @@ def _cell(value) -> str:
 def cmd_sample(args) -> int:
     import torch
 
-    from pipeline.export import generate, load_generator
+    from pipeline.export import generate, load_generator, sample_labels
     from pipeline.images import save_grid
 
     generator, payload = load_generator(args.checkpoint)
+    labels = sample_labels(generator, payload, args.n, args.chosen_class)
     z = torch.randn(args.n, generator.latent_dim, generator=torch.Generator().manual_seed(args.seed))
-    path = save_grid(generate(generator, z), args.out)
-    print(f"wrote {args.n} samples from step {payload['step']} ({'EMA' if payload['ema'] else 'raw'} G) to {path}")
+    every_class = labels is not None and labels.unique().numel() > 1  # classes in turn: one per column
+    path = save_grid(generate(generator, z, labels), args.out, generator.num_classes if every_class else None)
+    drawn = "" if labels is None else f" of class {int(labels[0])}" if not every_class else ", a column per class"
+    print(
+        f"wrote {args.n} samples{drawn} from step {payload['step']} ({'EMA' if payload['ema'] else 'raw'} G) to {path}"
+    )
     return 0
 
 
 def cmd_export(args) -> int:
     from pipeline.export import export_generator
 
-    payload = export_generator(args.checkpoint, args.out)
-    print(f"exported the {'EMA' if payload['ema'] else 'raw'} generator of step {payload['step']} to {args.out}")
+    payload = export_generator(args.checkpoint, args.out, args.chosen_class)
+    drawn = f" (drawing class {args.chosen_class})" if args.chosen_class is not None else ""
+    print(f"exported the {'EMA' if payload['ema'] else 'raw'} generator of step {payload['step']}{drawn} to {args.out}")
     return 0
 
 

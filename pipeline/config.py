@@ -82,6 +82,23 @@ class ModelConfig(Section):
         description="NHWC convolutions: D's real and fake batches in NHWC layout (tensor-core GPUs), and with "
         "fp32 at ZeRO stage 0 both networks' weights too (5-10% faster steps on CPU)",
     )
+    conditional: bool = Field(
+        False,
+        description="class-conditional training on the shards' labels: class-conditional BatchNorm in G, "
+        "a projection head in D (Miyato & Koyama 2018)",
+    )
+    num_classes: int | None = Field(
+        None,
+        ge=2,
+        description="conditional: the number of classes; set from the shards' manifest when left out, "
+        "and it must match the manifest when given",
+    )
+
+    @model_validator(mode="after")
+    def _classes_need_conditional(self):
+        if self.num_classes is not None and not self.conditional:
+            raise ValueError("model.num_classes is for class-conditional training: set model.conditional: true too")
+        return self
 
 
 class LossConfig(Section):
@@ -296,6 +313,12 @@ class EvalConfig(Section):
     allow_nonstandard_weights: bool = Field(
         False, description="accept weights whose sha256 is not the standard file's (FIDs are then not comparable)"
     )
+    inception_classifier: str | None = Field(
+        None,
+        description="for the Inception Score: pytorch-fid's pt_inception-2015-12-05-6726825d.pth (the same graph "
+        "with its 1008-way softmax layer, which the FID file lacks); unset = no Inception Score",
+    )
+    is_splits: int = Field(10, ge=1, description="Inception Score: splits of the generated set (Salimans et al.: 10)")
     cache_dir: str | None = Field(
         None, description="reference statistics cache; default: fid_stats/ next to the reference manifest"
     )

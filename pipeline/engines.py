@@ -226,8 +226,8 @@ class Engine:
     def module(self) -> nn.Module:
         return self.engine.module
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.engine(x)
+    def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        return self.engine(*inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -270,12 +270,12 @@ class Engine:
         flag: DeepSpeed has already read the overflow back to decide)."""
         return self.engine.was_step_applied()
 
-    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def eager_forward(self, *inputs: torch.Tensor | None) -> torch.Tensor:
         """The raw network's forward, never compiled: for the gradient penalties, whose double
         backward torch.compile's aot_autograd does not support ("torch.compile with aot_autograd
         does not currently support double backward", torch/_functorch/_aot_autograd). No hooks
         run either, as with `module` (ZeRO stages 0-2 need none on a raw forward)."""
-        return self.module.forward(x)
+        return self.module.forward(*inputs)
 
     def compile(self, backend: str) -> None:
         """torch.compile the network in place, the way DeepSpeed supports it (engine.compile, which

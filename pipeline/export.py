@@ -16,20 +16,23 @@ from pipeline.checkpoint import generator_state, latest_checkpoint
 from pipeline.errors import UserError
 from pipeline.files import load_tensors, require_fields
 from pipeline.models import build_generator
+from pipeline.models.conditioning import class_labels
 
 FORMAT = "gan-pipeline-generator/1"
 
 
 @torch.no_grad()
-def generate(generator: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Images from latents with BatchNorm on batch statistics, as the reference DCGAN samples.
+def generate(generator: nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Images from latents (and, for a class-conditional generator, their classes) with
+    BatchNorm on batch statistics, as the reference DCGAN samples.
 
     The EMA's averaged weights do not match the live G's running statistics, and eval-mode
     BatchNorm with mismatched statistics washes samples out. Runs on a copy, so neither the
     caller's mode nor its running statistics change."""
     sampler = copy.deepcopy(generator).train()
     parameter = next(sampler.parameters())
-    return sampler(z.to(device=parameter.device, dtype=parameter.dtype))
+    labels = labels.to(parameter.device) if labels is not None else None
+    return sampler(z.to(device=parameter.device, dtype=parameter.dtype), labels)
 
 
 PAYLOAD_FIELDS = {"step": int, "ema": bool, "model": dict, "state_dict": dict}
@@ -38,7 +41,8 @@ MODEL_FIELDS = {"resolution": int, "channels": int, "latent_dim": int, "width": 
 
 def generator_payload(state_dict: dict, model: dict, step: int, ema: bool) -> dict:
     """The export file's contents. `model` holds the config's resolution, channels,
-    latent_dim and g_width."""
+    latent_dim and g_width, and num_classes for a class-conditional generator (0 or absent:
+    unconditional; exports made before conditioning have no such field)."""
     return {
         "format": FORMAT,
         "ema": ema,
@@ -49,6 +53,7 @@ def generator_payload(state_dict: dict, model: dict, step: int, ema: bool) -> di
             "channels": model["channels"],
             "latent_dim": model["latent_dim"],
             "width": model["g_width"],
+            "num_classes": model.get("num_classes") or 0,
         },
         "state_dict": {k: v.detach().float().cpu() for k, v in state_dict.items()},
     }
@@ -80,6 +85,8 @@ def load_generator(
         raise UserError(f"{path}: not a gan-pipeline generator export")
     require_fields(payload, PAYLOAD_FIELDS, f"generator {path}")
     require_fields(payload["model"], MODEL_FIELDS, f"generator {path}, its model")
+    if not isinstance(payload.get("class", 0), int):
+        raise UserError(f"generator {path}: its class {payload['class']!r} is not a class number")
     try:
         return generator_from_payload(payload, device), payload
     except (RuntimeError, TypeError, ValueError) as exc:  # weights that do not fit the model it names
@@ -108,13 +115,52 @@ def inference_generator(payload: dict, batches: int = 8, batch_size: int = 128, 
             norm.momentum = None  # a cumulative average: every batch counts the same
         generator.train()
         latents = torch.Generator().manual_seed(seed)
-        for _ in range(batches):
-            generator(torch.randn(batch_size, payload["model"]["latent_dim"], generator=latents))
-    return generator.eval()
+        for _ in range(batches):  # class-balanced batches: a conditional BatchNorm's statistics are of all classes
+            z = torch.randn(batch_size, payload["model"]["latent_dim"], generator=latents)
+            generator(z, class_labels(generator.num_classes, batch_size))
+    generator.eval()
+    return ClassInColumn(generator, payload.get("class")) if generator.num_classes else generator
 
 
-def export_generator(source: str | Path, out: str | Path) -> dict:
-    """`pipeline export`: a checkpoint (or run folder) -> a plain generator file."""
-    _, payload = load_generator(source)
+class ClassInColumn(nn.Module):
+    """A class-conditional generator behind one float32 input, as MLflow's PyTorch flavour feeds
+    one array to a model: row i holds latent i then, in the last column, the class to draw
+    (the signature's input is latent_dim + 1 wide: tracking/model_registry.py). An export made with
+    `export --class K` takes latents alone and draws class K."""
+
+    def __init__(self, generator: nn.Module, fixed_class: int | None = None):
+        super().__init__()
+        self.generator, self.fixed_class = generator, fixed_class
+        self.latent_dim, self.num_classes = generator.latent_dim, generator.num_classes
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.fixed_class is not None:
+            labels = torch.full((inputs.shape[0],), self.fixed_class, dtype=torch.long, device=inputs.device)
+            return self.generator(inputs, labels)
+        labels = inputs[:, -1].round().long()  # outside 0..C-1: the embedding lookup raises
+        return self.generator(inputs[:, :-1], labels)
+
+
+def export_generator(source: str | Path, out: str | Path, chosen_class: int | None = None) -> dict:
+    """`pipeline export`: a checkpoint (or run folder) -> a plain generator file. chosen_class:
+    of a class-conditional generator, an export that makes that class unless told otherwise
+    (`sample` without --class; the MLflow model of it takes latents alone)."""
+    generator, payload = load_generator(source)
+    if chosen_class is not None:
+        try:
+            class_labels(generator.num_classes, 1, chosen_class)
+        except ValueError as exc:
+            raise UserError(f"--class {chosen_class}: {exc}") from None
+        payload["class"] = chosen_class
     torch.save(payload, out)
     return payload
+
+
+def sample_labels(generator: nn.Module, payload: dict, n: int, chosen_class: int | None) -> torch.Tensor | None:
+    """The classes `sample` draws n images of: --class, else the export's own class, else the
+    classes in turn; None for an unconditional generator. A bad --class is a user's error."""
+    chosen = chosen_class if chosen_class is not None else payload.get("class")
+    try:
+        return class_labels(generator.num_classes, n, chosen)
+    except ValueError as exc:
+        raise UserError(f"--class {chosen}: {exc}") from None

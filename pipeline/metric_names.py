@@ -6,7 +6,8 @@ MLflow's UI turns into one group of charts each (as Lightning users' `train/loss
 
 - train/: losses, D outputs, gradient norms, loss scales, skipped updates, learning rates,
   and the world size (a resumed run may change it);
-- eval/: FID, KID, the floor and the best FID, precision, recall, density and coverage;
+- eval/: FID, KID, the floor and the best FID, precision, recall, density and coverage, and
+  the Inception Score when eval.inception_classifier is set;
 - perf/: images/s, step time, data-wait share, memory, and the seconds of checkpoints and
   FID evaluations (which the step time leaves out);
 - data/: corrupt samples replaced by the loader;
@@ -23,7 +24,10 @@ _SECTIONS = {
         *("loss_D", "loss_G", "D_x", "D_G_z", "grad_norm_D", "grad_norm_G"),
         *("loss_scale_D", "loss_scale_G", "skipped_steps_D", "skipped_steps_G", "lr_D", "lr_G", "world_size"),
     ),
-    "eval": ("fid", "kid", "fid_floor", "fid_over_floor", "best_fid", "precision", "recall", "density", "coverage"),
+    "eval": (
+        *("fid", "kid", "fid_floor", "fid_over_floor", "best_fid", "precision", "recall", "density", "coverage"),
+        *("inception_score", "inception_score_std"),
+    ),
     "perf": (
         "images_per_s",
         "step_time_s",
@@ -54,6 +58,7 @@ def run_metric(metrics: dict, name: str):
 # An FID evaluation's figures (fid.jsonl's fields) and the names they are recorded under.
 FID_FIELDS = {"fid": "fid", "kid": "kid", "fid_floor": "fid_floor", "fid_over_floor": "fid_over_floor"}
 FID_FIELDS |= {name: name for name in ("precision", "recall", "density", "coverage")}
+FID_FIELDS |= {name: name for name in ("inception_score", "inception_score_std")}
 FID_FIELDS |= {"seconds": "fid_seconds"}
 
 

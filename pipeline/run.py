@@ -183,7 +183,7 @@ def run_training(config: Config, config_name: str, resume: str = "none", overrid
         reporters, fid = run_reporters(config, info, run_dir, tracker)
         trainer, resumed = build_trainer(config, info, run_dir, checkpoint, reporters)
         if info.is_main:
-            reporters[0].write_setup({"g": trainer.g_engine.ds_config, "d": trainer.d_engine.ds_config})
+            reporters[0].write_setup(trainer)
             start_tracking(trainer, tracker, run_dir, resumed, overrides, config_name, fid)
         set_up.done = True
         sampler = start_node_sampler(config.tracking, info, tracker)

@@ -48,9 +48,10 @@ class Trainer:
     ):
         """run_dir: where checkpoints go. resized: this trainer will resume a checkpoint saved on
         another world size (the config already holds the new split: pipeline/resize.py)."""
-        self.config, self.info = config, info
         self.loader = ShardedLoader(config.data, config.seed, info.rank, info.world_size)
         _check_data_matches_model(config, self.loader.shape)
+        config = with_classes(config, self.loader.manifest)
+        self.config, self.info = config, info
         # The same initial weights on every rank, from config.seed (initialize also broadcasts
         # rank 0's). fork_rng: the seed applies to building the networks, not to the process.
         with torch.random.fork_rng(devices=[]):
@@ -95,24 +96,28 @@ class Trainer:
             images = diff_augment(images, self.config.train.augment, self.rng)
         return self.d_layout(images)
 
-    def latents(self, n: int) -> torch.Tensor:
-        z = torch.randn(n, self.config.model.latent_dim, generator=self.rng, device=self.device)
-        return z.to(self.dtype)
+    def latents(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(z, the classes to generate): classes uniform at random with model.conditional, else None."""
+        z = torch.randn(n, self.config.model.latent_dim, generator=self.rng, device=self.device).to(self.dtype)
+        classes = self.config.model.num_classes
+        return z, torch.randint(classes, (n,), generator=self.rng, device=self.device) if classes else None
 
-    def d_step(self, real: torch.Tensor) -> dict:
-        """One D micro-step on real and detached fake images: one loss, one backward."""
+    def d_step(self, real: torch.Tensor, labels: torch.Tensor | None) -> dict:
+        """One D micro-step on real and detached fake images: one loss, one backward.
+        labels: the real images' classes with model.conditional, else None."""
         kind = self.config.loss.kind
+        z, fake_labels = self.latents(real.shape[0])
         with torch.no_grad():
-            fake = self.d_layout(self.g_engine.module(self.latents(real.shape[0])))  # raw G: no hooks, no graph
-        d_real = self.d_engine(self.d_input(real)).float()
-        d_fake = self.d_engine(self.d_input(fake)).float()
+            fake = self.d_layout(self.g_engine.module(z, fake_labels))  # raw G: no hooks, no graph
+        d_real = self.d_engine(self.d_input(real), labels).float()
+        d_fake = self.d_engine(self.d_input(fake), fake_labels).float()
         loss = losses.d_loss(kind, d_real, d_fake)
         penalty = 0.0  # added to what D minimises; loss_D stays the game's value
         # The penalties differentiate D's input gradient: D's eager forward (a compiled one has
         # no double backward), and with fp16 that gradient taken at the loss scale.
-        d_eager, scale = self.d_engine.eager_forward, self.d_engine.loss_scale or 1.0
-        if self.config.train.augment:  # the penalties' D sees what D's loss sees
-            d_eager = functools.partial(_augmented, self.d_input, self.d_engine.eager_forward)
+        augment = self.d_input if self.config.train.augment else None  # the penalties' D sees what D's loss sees
+        d_eager = functools.partial(_penalised, augment, self.d_engine.eager_forward, labels)
+        scale = self.d_engine.loss_scale or 1.0
         if kind == "wgan-gp":
             gp = losses.gradient_penalty(d_eager, real, fake, self.rng, scale)
             loss = loss + self.config.loss.gp_weight * gp
@@ -134,8 +139,9 @@ class Trainer:
         Calling the D *engine* here would fire its backward hook inside g_engine.backward
         (DeepSpeed #7665), and unfrozen D params get gradients twice at ZeRO-2 (#4923)."""
         with self.d_engine.frozen():
-            fake = self.d_input(self.g_engine(self.latents(batch_size)))
-            loss = losses.g_loss(self.config.loss.kind, self.d_engine.module(fake).float())
+            z, fake_labels = self.latents(batch_size)
+            fake = self.d_input(self.g_engine(z, fake_labels))
+            loss = losses.g_loss(self.config.loss.kind, self.d_engine.module(fake, fake_labels).float())
             self.g_engine.backward(loss)
             norm = self.g_engine.step()
         return {"loss_G": loss.detach(), "grad_norm_G": norm}
@@ -157,7 +163,8 @@ class Trainer:
             batch = next(batches)
             waited += time.perf_counter() - before
             pixels = batch.images.to(self.device, non_blocking=True)  # uint8 from pinned memory
-            d_records.append(self.d_step(from_uint8(pixels, self.dtype, self.config.model.channels_last)))
+            real = from_uint8(pixels, self.dtype, self.config.model.channels_last)
+            d_records.append(self.d_step(real, self._labels(batch)))
         g_records = [self.g_step(self.config.data.batch_per_rank) for _ in range(accumulation)]
         if self.ema is not None and self.g_engine.step_applied:  # fp16 skips an overflowed update
             self.ema.update(self.g_engine.module)
@@ -166,6 +173,15 @@ class Trainer:
         self.stops.add(figures["loss_D"], figures["loss_G"])
         self.window.add(figures, len(d_records) * self.config.data.batch_per_rank, waited)
         return figures
+
+    def _labels(self, batch) -> torch.Tensor | None:
+        """The batch's classes on the device, with model.conditional (with_classes checked the
+        manifest names classes, and prepare writes a label for every sample of a labelled set)."""
+        if not self.config.model.conditional:
+            return None
+        if batch.labels is None:
+            raise UserError(f"model.conditional: data {self.config.data.shards} delivered a batch without labels")
+        return batch.labels.to(self.device, non_blocking=True)
 
     def read_metrics(self) -> dict:
         """All ranks (a collective), on logging steps: the window's means over steps and ranks, and
@@ -294,9 +310,28 @@ class Trainer:
         )
 
 
-def _augmented(d_input, discriminator, images: torch.Tensor) -> torch.Tensor:
-    """D of the augmented images: what the gradient penalties differentiate with train.augment."""
-    return discriminator(d_input(images))
+def _penalised(d_input, discriminator, labels, images: torch.Tensor) -> torch.Tensor:
+    """D as the gradient penalties differentiate it: of the augmented images with train.augment
+    (d_input), given the real images' classes with model.conditional."""
+    return discriminator(d_input(images) if d_input is not None else images, labels)
+
+
+def with_classes(config: Config, manifest: dict | None) -> Config:
+    """The config with model.num_classes settled from the shards' manifest (model.conditional),
+    so the checkpoints, exports and tracked params record it. A dataset without labels is refused."""
+    model = config.model
+    if not model.conditional:
+        return config
+    labels = (manifest or {}).get("labels") or {}
+    classes = labels.get("num_classes")
+    if not isinstance(classes, int) or classes < 2:
+        raise UserError(
+            f"model.conditional needs class labels and data {config.data.shards} has none (its manifest names "
+            "no classes): prepare it from a labelled source, or train unconditionally"
+        )
+    if model.num_classes is not None and model.num_classes != classes:
+        raise UserError(f"model.num_classes is {model.num_classes} but data {config.data.shards} has {classes} classes")
+    return config.model_copy(update={"model": model.model_copy(update={"num_classes": classes})})
 
 
 def _check_data_matches_model(config: Config, shape: tuple | None) -> None:

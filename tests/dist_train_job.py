@@ -33,7 +33,7 @@ tracker = make_tracker(config.tracking, config.train.run_root, info.is_main)  # 
 run_dir = Path(config.train.run_root) / "dist"
 trainer = Trainer(config, info, run_dir)
 if info.is_main:  # as run_training does: the set-up files first, then the run described to the tracker
-    RunRecords(run_dir, config, tracker).write_setup({"g": trainer.g_engine.ds_config, "d": trainer.d_engine.ds_config})
+    RunRecords(run_dir, config, tracker).write_setup(trainer)
     start_tracking(trainer, tracker, run_dir, None, [], None, None)
 batches = trainer.loader.forever()
 
@@ -47,7 +47,7 @@ def gather(value):
 # One D micro-step by hand, to look at the gradients between backward and step.
 real = from_uint8(next(batches).images)
 with torch.no_grad():
-    fake = trainer.g_engine.module(trainer.latents(real.shape[0]))
+    fake = trainer.g_engine.module(*trainer.latents(real.shape[0]))  # (z, None): unconditional
 loss = losses.d_loss("nonsaturating", trainer.d_engine(real), trainer.d_engine(fake))
 trainer.d_engine.backward(loss)
 grads = torch.cat([p.grad.flatten() for p in trainer.d_engine.module.parameters()])

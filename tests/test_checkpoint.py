@@ -40,9 +40,10 @@ def losses_of(trainer, steps):
         (),
         ("deepspeed.precision=bf16", "deepspeed.zero_stage=1"),
         ("model.channels_last=true",),
-        ("train.augment=[translation,cutout,color]", "loss.r1_gamma=1"),  # DiffAugment draws from the step rng
+        # DiffAugment and the fake images' classes draw from the step rng; R1 takes the real classes.
+        ("train.augment=[translation,cutout,color]", "loss.r1_gamma=1", "model.conditional=true"),
     ],
-    ids=["fp32", "bf16-zero1", "fp32-channels-last", "fp32-diffaugment-r1"],
+    ids=["fp32", "bf16-zero1", "fp32-channels-last", "fp32-conditional-diffaugment-r1"],
 )
 def test_checkpoint_contents_and_exact_continuation(dist_single, mnist_shards, tmp_path, precision):
     trainer = make(dist_single, mnist_shards, tmp_path, "data.workers=1", *precision)
@@ -87,8 +88,11 @@ def test_incompatible_checkpoint_is_refused_saying_what_differs(dist_single, mni
     # A checkpoint from before a setting existed ran with its default: it resumes under the
     # default and is refused under another value.
     del meta["config"]["train"]["ema_warmup"]
+    del meta["config"]["model"]["conditional"], meta["config"]["model"]["num_classes"]
     (path / "meta.json").write_text(json.dumps(meta))
     make(dist_single, mnist_shards, tmp_path).resume(path)
+    with pytest.raises(UserError, match="model: checkpoint"):
+        make(dist_single, mnist_shards, tmp_path, "model.conditional=true").resume(path)
     with pytest.raises(UserError, match="train.ema_warmup: checkpoint 10.0, now 4.0"):
         make(dist_single, mnist_shards, tmp_path, "train.ema_warmup=4").resume(path)
 

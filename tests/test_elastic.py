@@ -46,7 +46,8 @@ def segment(shards, tmp_path, world: int, steps: int, *extra) -> dict:
     "precision",
     [
         ("deepspeed.precision=fp32", "deepspeed.zero_stage=0"),
-        ("deepspeed.precision=bf16", "deepspeed.zero_stage=1"),
+        # class-conditional too: its embeddings go through ZeRO-1's universal checkpoint like any weight
+        ("deepspeed.precision=bf16", "deepspeed.zero_stage=1", "model.conditional=true"),
         # fp16 on this CPU (see conftest.cpu_fp16); 2**20: the first steps overflow, so the
         # scale and the skip counters have moved before each save.
         pytest.param(
@@ -54,7 +55,7 @@ def segment(shards, tmp_path, world: int, steps: int, *extra) -> dict:
             marks=pytest.mark.slow,
         ),
     ],
-    ids=["zero0-fp32", "zero1-bf16", "zero1-fp16"],
+    ids=["zero0-fp32", "zero1-bf16-conditional", "zero1-fp16"],
 )
 def test_a_run_moves_between_world_sizes_inside_an_epoch(mnist_shards, tmp_path, precision):
     first = segment(mnist_shards, tmp_path, 2, 5, *precision)

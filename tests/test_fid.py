@@ -19,6 +19,7 @@ from pipeline.evaluation.fid import ReferenceSource, compare, reference_stats, v
 from pipeline.evaluation.stats import (
     FeatureStats,
     frechet_distance,
+    inception_score,
     kid,
     kid_subset_sum,
     precision_recall_density_coverage,
@@ -127,6 +128,57 @@ def test_precision_recall_density_coverage_match_the_prdc_package(n_real, n_fake
     assert 0 < ours["precision"] < 1 and 0 < ours["recall"] < 1
     for name, value in expected.items():
         assert ours[name] == pytest.approx(float(value), rel=1e-6), name
+
+
+def improved_gan_inception_score(logits: np.ndarray, splits: int) -> tuple[float, float]:
+    """Salimans et al.'s get_inception_score (openai/improved-gan, inception_score/model.py),
+    written out in numpy: softmax, then per consecutive split exp(mean KL(p(y|x) || p(y)))."""
+    exps = np.exp(logits - logits.max(axis=1, keepdims=True))
+    preds = exps / exps.sum(axis=1, keepdims=True)
+    scores = []
+    for i in range(splits):
+        part = preds[(i * preds.shape[0] // splits) : ((i + 1) * preds.shape[0] // splits), :]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+@pytest.mark.parametrize(("n", "splits", "spread"), [(1000, 10, 3.0), (997, 10, 0.3), (64, 1, 8.0)])
+def test_inception_score_matches_the_original_code(n, splits, spread):
+    logits = np.random.default_rng(n).normal(size=(n, 1008)) * spread
+    ours = inception_score(torch.from_numpy(logits), splits)
+    expected = improved_gan_inception_score(logits, splits)
+    assert ours == pytest.approx(expected, rel=1e-6)
+    assert 1.0 < ours[0] < 1008
+
+
+def test_the_softmax_layer_is_read_weights_only_and_checked(tmp_path):
+    head = tmp_path / "head.pth"
+    weight = torch.randn(1008, 2048)
+    torch.save({"fc.weight": weight, "fc.bias": torch.zeros(1008)}, head)
+    with pytest.raises(UserError, match="is not pytorch-fid's pt_inception-2015-12-05-6726825d.pth"):
+        inception.load_softmax_weights(head)
+    assert torch.equal(inception.load_softmax_weights(head, allow_nonstandard=True), weight)
+    torch.save({"fc.weight": torch.randn(1000, 2048)}, head)
+    with pytest.raises(UserError, match="holds no fc.weight of shape 1008 x 2048"):
+        inception.load_softmax_weights(head, allow_nonstandard=True)
+    head.write_bytes(pickle_of_a_call())
+    with pytest.raises(UserError, match="cannot be read as a weights file"):
+        inception.load_softmax_weights(head, allow_nonstandard=True)
+    with pytest.raises(UserError, match="no such file"):
+        inception.load_softmax_weights(tmp_path / "missing.pth")
+
+
+def pickle_of_a_call() -> bytes:
+    """A pickle that would run os.getpid if unpickled: weights_only refuses it."""
+    import os
+    import pickle
+
+    class Call:
+        def __reduce__(self):
+            return (os.getpid, ())
+
+    return pickle.dumps(Call())
 
 
 def test_two_rank_reduction_equals_one_rank(tmp_path):
@@ -321,6 +373,10 @@ def fid_run(mnist_shards, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("fidrun")
     prepare("mnist:test", tmp / "floor", Transform(32, 1), limit=16, workers=1, progress=False)
+    # A softmax layer of the real one's shape, for the Inception Score's plumbing: the real
+    # layer (pytorch-fid's weight file) is a GitHub download, which tests do not make.
+    head = torch.randn(1008, 2048, generator=torch.Generator().manual_seed(0)) * 0.05
+    torch.save({"fc.weight": head}, tmp / "softmax.pth")
     result = run_cli(
         "train",
         *train_overrides(
@@ -332,6 +388,9 @@ def fid_run(mnist_shards, tmp_path_factory):
             "train.keep_checkpoints=1",
             *FID_STEPS,
             f"eval.floor={tmp / 'floor'}",
+            f"eval.inception_classifier={tmp / 'softmax.pth'}",
+            "eval.allow_nonstandard_weights=true",
+            "eval.is_splits=2",
             "tracking.log_model=true",
             "tracking.registered_model=fid-test",
         ),
@@ -361,8 +420,10 @@ def test_training_logs_fid_and_keeps_the_best_checkpoint(fid_run):
     history = client.get_metric_history(run_id, "eval/fid")
     assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["fid"])) for r in records]
     assert len(client.get_metric_history(run_id, "eval/kid")) == 2
-    for name in ("precision", "recall", "density", "coverage"):
-        assert all(r["prdc_k"] == 5 and 0 <= r[name] <= (5 if name == "density" else 1) for r in records)
+    assert all(r["is_splits"] == 2 and 1 <= r["inception_score"] <= 1008 for r in records)
+    for name in ("precision", "recall", "density", "coverage", "inception_score", "inception_score_std"):
+        if name not in ("inception_score", "inception_score_std"):
+            assert all(r["prdc_k"] == 5 and 0 <= r[name] <= (5 if name == "density" else 1) for r in records)
         assert [m.value for m in client.get_metric_history(run_id, f"eval/{name}")] == [
             pytest.approx(r[name]) for r in records
         ]
@@ -444,7 +505,7 @@ def test_standalone_eval_matches_training_on_one_and_two_ranks(fid_run):
     two = json.loads(multi.stdout.strip().splitlines()[-1])
     assert two["world_size"] == 2 and two["n_generated"] == 12
     assert two["fid"] == pytest.approx(one["fid"], rel=1e-6) and two["kid"] == pytest.approx(one["kid"], rel=1e-6)
-    for name in ("precision", "recall", "density", "coverage"):  # the same features, on every rank count
+    for name in ("precision", "recall", "density", "coverage", "inception_score"):  # the same features on any ranks
         assert one[name] == pytest.approx(logged[name], rel=1e-6) and two[name] == pytest.approx(one[name], rel=1e-6)
 
 

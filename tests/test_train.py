@@ -77,7 +77,7 @@ def test_d_update_is_plain_adam_on_the_d_loss_alone(dist_single, mnist_shards, t
     reference_g = copy.deepcopy(trainer.g_engine.module)
     optim = torch.optim.Adam(reference_d.parameters(), lr=2e-4, betas=(0.5, 0.999))
     rng_state = trainer.rng.get_state()
-    trainer.d_step(real)
+    trainer.d_step(real, None)  # unconditional: no labels
 
     z = torch.randn(16, 100, generator=torch.Generator().set_state(rng_state))
     with torch.no_grad():

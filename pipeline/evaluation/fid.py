@@ -36,12 +36,14 @@ from pipeline.evaluation.stats import (
     broadcast_object,
     broadcast_tensor,
     frechet_distance,
+    inception_score,
     kid,
     precision_recall_density_coverage,
 )
 from pipeline.export import generate
 from pipeline.files import write_bytes_atomic, write_json_atomic
 from pipeline.images import to_uint8
+from pipeline.models.conditioning import class_labels
 
 log = logging.getLogger("pipeline.evaluation")
 KID_MAX_ROWS = 10_000  # features kept per set for KID and PRDC: a seeded random subset beyond this
@@ -306,6 +308,7 @@ def reference_stats(
 # ------------------------------------------------------------------ generated sets
 def _generated_batches(generator: torch.nn.Module, n: int, batch_size: int, seed: int):
     """Chunk c (batch_size latents from a generator seeded by (seed, c)) goes to rank c % W.
+    A class-conditional generator draws image i as class i mod C: class-balanced samples.
     The set of images is the same for any world size: chunks, not ranks, own the seeds, and
     BatchNorm's batch statistics see the same chunk."""
     rank, world = _rank_world()
@@ -313,7 +316,8 @@ def _generated_batches(generator: torch.nn.Module, n: int, batch_size: int, seed
     for chunk in range(rank, math.ceil(n / batch_size), world):
         lo, hi = chunk * batch_size, min(n, (chunk + 1) * batch_size)
         z = torch.randn(hi - lo, latent_dim, generator=torch.Generator().manual_seed(seed * 1_000_003 + chunk))
-        yield torch.arange(lo, hi), to_uint8(generate(generator, z))
+        labels = class_labels(getattr(generator, "num_classes", 0), hi - lo, start=lo)  # image i is class i mod C
+        yield torch.arange(lo, hi), to_uint8(generate(generator, z, labels))
 
 
 def generated_stats(
@@ -339,10 +343,12 @@ def compare(
     kid_subset_size: int,
     seed: int,
     prdc_k: int | None = None,
+    is_splits: int | None = None,
 ) -> dict:
-    """Collective. FID, and precision/recall/density/coverage with k = prdc_k (if set), computed
-    on rank 0 from the features every rank holds, and broadcast (one value everywhere); KID over
-    ranks."""
+    """Collective. FID, precision/recall/density/coverage with k = prdc_k (if set) and the
+    generated set's Inception Score over is_splits (if set, and the extractor has the softmax
+    layer), computed on rank 0 from the features every rank holds and broadcast (one value
+    everywhere); KID over ranks."""
     rank, _ = _rank_world()
     fid = frechet_distance(generated.mu, generated.sigma, reference.mu, reference.sigma) if rank == 0 else None
     result = {"fid": broadcast_object(fid)}
@@ -354,6 +360,10 @@ def compare(
             real, fake = reference.kid_features, generated.kid_features
             prdc = precision_recall_density_coverage(real, fake, prdc_k, device=extractor.device)
         result |= broadcast_object(prdc) | {"prdc_k": prdc_k}
+    if is_splits and extractor.softmax_weights is not None:
+        score = inception_score(extractor.logits(generated.kid_features), is_splits) if rank == 0 else None
+        result |= dict(zip(("inception_score", "inception_score_std"), broadcast_object(score), strict=True))
+        result["is_splits"] = is_splits
     if kid_subsets:
         result["kid"] = kid(
             generated.kid_features, reference.kid_features, kid_subsets, kid_subset_size, seed, device=extractor.device
@@ -377,7 +387,9 @@ class FidEvaluator:
 
     def __init__(self, config, device: torch.device, progress: bool = True):
         self.eval, self.progress = config.eval, progress
-        self.extractor = InceptionFeatures(device, self.eval.inception_weights, self.eval.allow_nonstandard_weights)
+        self.extractor = InceptionFeatures(
+            device, self.eval.inception_weights, self.eval.allow_nonstandard_weights, self.eval.inception_classifier
+        )
         source = ReferenceSource(
             self.eval.reference or config.data.shards, self.eval.reference_split, config.data.allow_pipe
         )
@@ -400,7 +412,9 @@ class FidEvaluator:
         )
         kid_subsets = ev.kid_subsets if ev.kid else None
         prdc_k = ev.prdc_k if ev.prdc else None
-        result = compare(generated, self.reference, self.extractor, kid_subsets, ev.kid_subset_size, ev.seed, prdc_k)
+        result = compare(
+            generated, self.reference, self.extractor, kid_subsets, ev.kid_subset_size, ev.seed, prdc_k, ev.is_splits
+        )
         if self.floor is not None:
             result |= {"fid_floor": self.floor, "fid_over_floor": result["fid"] / self.floor}
         return result | {"seconds": round(time.perf_counter() - started, 2)}

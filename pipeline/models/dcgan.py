@@ -5,6 +5,8 @@ the 4x4 core and the image. Widths double towards the 4x4 core:
   G: z -> ConvT(4x4, stride 1) -> [ConvT stride 2, BN, ReLU] ... -> ConvT -> Tanh
   D: x -> Conv stride 2, LeakyReLU(0.2) (no BN on the input layer) -> [Conv, BN|SN, LReLU] ... -> Conv(4x4) -> logit
 D returns raw logits (N,); the losses apply the sigmoid where they need it, stably.
+With num_classes, G's BatchNorms are class-conditional and D has a projection head
+(pipeline/models/conditioning.py); both then take the labels as their second argument.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import math
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
+
+from pipeline.models.conditioning import Conditioned, batch_norm, check_labels, projection
 
 RESOLUTIONS = (32, 64, 128)
 
@@ -33,35 +37,42 @@ def init_dcgan_weights(module: nn.Module) -> None:
             nn.init.normal_(weight, 0.0, 0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:  # a ClassBatchNorm initialises its own
             nn.init.normal_(m.weight, 1.0, 0.02)
             nn.init.zeros_(m.bias)
 
 
 class Generator(nn.Module):
-    def __init__(self, resolution: int = 64, channels: int = 3, latent_dim: int = 100, width: int = 64):
+    def __init__(
+        self, resolution: int = 64, channels: int = 3, latent_dim: int = 100, width: int = 64, num_classes: int = 0
+    ):
         super().__init__()
-        self.latent_dim = latent_dim
+        self.latent_dim, self.num_classes = latent_dim, num_classes
         depth = _depth(resolution)
         widths = [width * 2 ** (depth - 1 - i) for i in range(depth)]  # 64px: 512, 256, 128, 64
         layers = [
             nn.ConvTranspose2d(latent_dim, widths[0], 4, 1, 0, bias=False),
-            nn.BatchNorm2d(widths[0]),
+            batch_norm(widths[0], num_classes),
             nn.ReLU(True),
         ]
         for c_in, c_out in itertools.pairwise(widths):
-            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+            layers += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), batch_norm(c_out, num_classes)]
+            layers.append(nn.ReLU(True))
         layers += [nn.ConvTranspose2d(widths[-1], channels, 4, 2, 1, bias=False), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
+        self.net = Conditioned(*layers)
         init_dcgan_weights(self)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z.view(z.shape[0], self.latent_dim, 1, 1))
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        check_labels(self.num_classes, labels)
+        return self.net(z.view(z.shape[0], self.latent_dim, 1, 1), labels)
 
 
 class Discriminator(nn.Module):
-    def __init__(self, resolution: int = 64, channels: int = 3, width: int = 64, norm: str = "batch"):
+    def __init__(
+        self, resolution: int = 64, channels: int = 3, width: int = 64, norm: str = "batch", num_classes: int = 0
+    ):
         super().__init__()
+        self.num_classes = num_classes
         if norm not in ("batch", "spectral", "none"):
             raise ValueError(f"norm must be batch, spectral or none, got {norm!r}")
         depth = _depth(resolution)
@@ -75,7 +86,15 @@ class Discriminator(nn.Module):
             layers.append(nn.LeakyReLU(0.2, True))
         layers.append(wrap(nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False)))
         self.net = nn.Sequential(*layers)
+        if num_classes:  # one embedding row per class, as wide as D's last features
+            embed = nn.Embedding(num_classes, widths[-1])
+            nn.init.normal_(embed.weight, 0.0, 0.02)
+            self.embed = wrap(embed)
         init_dcgan_weights(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten()
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        check_labels(self.num_classes, labels)
+        if not self.num_classes:
+            return self.net(x).flatten()
+        features = self.net[:-1](x)
+        return self.net[-1](features).flatten() + projection(self.embed, features, labels)

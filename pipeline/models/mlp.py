@@ -6,6 +6,9 @@ layers; both train with Adam(1e-4), batch 128. Two changes for this pipeline:
   the same function family rescaled), and G returns N x C x H x W like the DCGAN;
 - D ends in a linear unit: it returns the logit, and the losses apply the sigmoid stably.
 The hidden width is model.g_width / model.d_width (256 in configs/mnist32_mlp.yaml).
+With num_classes (model.conditional), G normalises each hidden layer with a class-conditional
+BatchNorm before its ReLU and D has a projection head on its last hidden layer
+(pipeline/models/conditioning.py); unconditional, both are exactly the article's networks.
 """
 
 from __future__ import annotations
@@ -13,27 +16,33 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.models.conditioning import ClassBatchNorm, Conditioned, check_labels, projection
+
 
 class Generator(nn.Module):
-    def __init__(self, resolution: int = 32, channels: int = 1, latent_dim: int = 100, width: int = 256):
+    def __init__(
+        self, resolution: int = 32, channels: int = 1, latent_dim: int = 100, width: int = 256, num_classes: int = 0
+    ):
         super().__init__()
-        self.latent_dim, self.shape = latent_dim, (channels, resolution, resolution)
-        self.net = nn.Sequential(
-            nn.Linear(latent_dim, width),
-            nn.ReLU(True),
-            nn.Linear(width, width),
-            nn.ReLU(True),
-            nn.Linear(width, channels * resolution * resolution),
-            nn.Tanh(),
+        self.latent_dim, self.num_classes, self.shape = latent_dim, num_classes, (channels, resolution, resolution)
+
+        def hidden(n_in: int) -> list[nn.Module]:
+            norm = [ClassBatchNorm(width, num_classes, dims=1)] if num_classes else []
+            return [nn.Linear(n_in, width), *norm, nn.ReLU(True)]
+
+        self.net = Conditioned(
+            *hidden(latent_dim), *hidden(width), nn.Linear(width, channels * resolution * resolution), nn.Tanh()
         )
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z.view(z.shape[0], self.latent_dim)).view(z.shape[0], *self.shape)
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        check_labels(self.num_classes, labels)
+        return self.net(z.view(z.shape[0], self.latent_dim), labels).view(z.shape[0], *self.shape)
 
 
 class Discriminator(nn.Module):
-    def __init__(self, resolution: int = 32, channels: int = 1, width: int = 256):
+    def __init__(self, resolution: int = 32, channels: int = 1, width: int = 256, num_classes: int = 0):
         super().__init__()
+        self.num_classes = num_classes
         self.net = nn.Sequential(
             nn.Flatten(),
             nn.Linear(channels * resolution * resolution, width),
@@ -42,6 +51,13 @@ class Discriminator(nn.Module):
             nn.ReLU(True),
             nn.Linear(width, 1),
         )
+        if num_classes:
+            self.embed = nn.Embedding(num_classes, width)
+            nn.init.normal_(self.embed.weight, 0.0, 0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten()
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        check_labels(self.num_classes, labels)
+        if not self.num_classes:
+            return self.net(x).flatten()
+        features = self.net[:-1](x)
+        return self.net[-1](features).flatten() + projection(self.embed, features, labels)

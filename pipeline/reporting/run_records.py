@@ -31,17 +31,15 @@ METRICS_LOG = "metrics.jsonl"
 class RunRecords(Reporter):
     def __init__(self, run_dir: Path, config, tracker):
         self.run_dir, self.config, self.tracker = Path(run_dir), config, tracker
-        # The same latents for every grid, so grids are comparable across steps and runs.
-        fixed = torch.Generator().manual_seed(config.seed)
-        self.fixed_z = torch.randn(config.train.sample_count, config.model.latent_dim, generator=fixed)
+        self.fixed_z = self.fixed_labels = self.columns = None  # from the trainer's settled config (its classes)
         self.bar: tqdm | None = None
         self.metrics_file = None
 
-    def write_setup(self, ds_configs: dict[str, dict]) -> None:
-        """The config as run, and each engine's DeepSpeed config."""
+    def write_setup(self, trainer) -> None:
+        """The config as run (the trainer's: with the classes it settled), and each engine's DeepSpeed config."""
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(config_to_yaml(self.config))
-        for network, ds_config in ds_configs.items():
+        (self.run_dir / "config.yaml").write_text(config_to_yaml(trainer.config))
+        for network, ds_config in (("g", trainer.g_engine.ds_config), ("d", trainer.d_engine.ds_config)):
             (self.run_dir / f"ds_config_{network}.json").write_text(json.dumps(ds_config, indent=2))
 
     def on_resume(self, step: int) -> None:
@@ -49,8 +47,11 @@ class RunRecords(Reporter):
         keep_records_through(self.run_dir / METRICS_LOG, step)
 
     def save_samples(self, trainer) -> Path:
-        images = generate(trainer.sampling_generator(), self.fixed_z)
-        return save_grid(images, self.run_dir / "samples" / f"step_{trainer.global_step:07d}.png")
+        if self.fixed_z is None:
+            self.fixed_z, self.fixed_labels, self.columns = grid_inputs(trainer.config)
+        images = generate(trainer.sampling_generator(), self.fixed_z, self.fixed_labels)
+        path = self.run_dir / "samples" / f"step_{trainer.global_step:07d}.png"
+        return save_grid(images, path, self.columns)
 
     # ------------------------------------------------------------ the loop's calls
     def on_train_start(self, trainer) -> None:
@@ -104,3 +105,16 @@ def progress_line(metrics: dict) -> str:
         f"img/s={metrics['images_per_s']:.0f} loss_D={metrics['loss_D']:.3f} loss_G={metrics['loss_G']:.3f} "
         f"D(x)={metrics['D_x']:.3f} D(G(z))={metrics['D_G_z']:.3f}"
     )
+
+
+def grid_inputs(config) -> tuple[torch.Tensor, torch.Tensor | None, int | None]:
+    """(latents, classes, columns) of a run's sample grids: the same latents for every grid, so
+    grids compare across steps and runs. Class-conditional: one row per class, each row the same
+    train.sample_count / C latents (a column shows one latent drawn as every class)."""
+    fixed = torch.Generator().manual_seed(config.seed)
+    classes = config.model.num_classes
+    if not classes:
+        return torch.randn(config.train.sample_count, config.model.latent_dim, generator=fixed), None, None
+    columns = max(1, config.train.sample_count // classes)
+    z = torch.randn(columns, config.model.latent_dim, generator=fixed).repeat(classes, 1)
+    return z, torch.arange(classes).repeat_interleave(columns), columns

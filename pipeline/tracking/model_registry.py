@@ -9,6 +9,12 @@ What a user gets (MLflow 3.17):
   `torch.export` program ("pt2", MLflow's default outside Databricks), so loading runs no
   pickled code and needs none of this package.
 - `mlflow.pyfunc.load_model(uri).predict(z)` with z a float32 array of that shape.
+- A class-conditional generator (model.conditional) takes (N, latent_dim + 1): each row its
+  latent, then the class to draw in the last column, so `models:/NAME@best` draws any class
+  (`np.c_[z, np.full(N, 7)]` gives sevens). MLflow's torch.export format ("pt2") accepts
+  only tensor signatures and its PyTorch flavour one unnamed array, so the class is a column
+  of that array; the model's metadata says so (`input`). An `export --class K` file takes
+  latents alone and draws class K.
 - With tracking.registered_model, a registry version per logged model, tagged with its FID,
   step, run id and dataset digest. The alias `best` follows the version of lowest FID.
   The newest version needs no alias: MLflow reserves `latest` for it (`models:/NAME/latest`,
@@ -31,18 +37,35 @@ from pipeline.export import inference_generator
 log = logging.getLogger("pipeline.tracking")
 MODEL_NAME = "generator"  # the logged model's name in its run
 BEST_ALIAS = "best"
+REGISTERED_DESCRIPTION = (
+    "GAN generator: latents (N, latent_dim) -> images (N, C, H, W) in [-1, 1]; a class-conditional one takes "
+    "(N, latent_dim + 1), the class in the last column (see each version's metadata, `input`)"
+)
 
 
-def signature(model: dict):
-    """Latents in, images out; the batch dimension free."""
+def input_columns(payload: dict) -> tuple[int, str]:
+    """(columns of the model's input, what they hold)."""
+    model = payload["model"]
+    if model.get("num_classes") and payload.get("class") is None:
+        return model[
+            "latent_dim"
+        ] + 1, f"latent ({model['latent_dim']} columns), then the class (0-{model['num_classes'] - 1})"
+    if model.get("num_classes"):
+        return model["latent_dim"], f"latent ({model['latent_dim']} columns); draws class {payload['class']}"
+    return model["latent_dim"], f"latent ({model['latent_dim']} columns)"
+
+
+def signature(payload: dict):
+    """Latents (and the class) in, images out; the batch dimension free."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
     # Unnamed tensors: MLflow's PyTorch flavour feeds one array to the module, and validates the
     # input example through that same path (a named tensor arrives as a dict and is refused).
+    model = payload["model"]
     image = (-1, model["channels"], model["resolution"], model["resolution"])
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, model["latent_dim"]))]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, input_columns(payload)[0]))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), image)]),
     )
 
@@ -54,12 +77,16 @@ def log_generator(tracking_uri: str, experiment_id: str, run_id: str, payload: d
 
     model = payload["model"]
     example = torch.Generator().manual_seed(0)
-    input_example = torch.randn(4, model["latent_dim"], generator=example).numpy()
+    columns, described = input_columns(payload)
+    input_example = torch.randn(4, columns, generator=example)
+    if columns > model["latent_dim"]:  # the class column: classes 0-3
+        input_example[:, -1] = torch.arange(4) % model["num_classes"]
+    input_example = input_example.numpy()
     with _fluent_store(tracking_uri, experiment_id):
         return mlflow.pytorch.log_model(
             inference_generator(payload),
             name=MODEL_NAME,
-            signature=signature(model),
+            signature=signature(payload),
             input_example=input_example,
             # Pinned to the training's torch (without a local build suffix such as +cu128): what
             # loads a torch.export program of this version. MLflow adds itself.
@@ -68,7 +95,7 @@ def log_generator(tracking_uri: str, experiment_id: str, run_id: str, payload: d
             run_id=run_id,
             step=payload["step"],
             tags=tags,
-            metadata={"format": payload["format"], "ema": payload["ema"], **model},
+            metadata={"format": payload["format"], "ema": payload["ema"], "input": described, **model},
         )
 
 
@@ -99,7 +126,7 @@ def register(client, name: str, model_info, run_id: str, tags: dict[str, str]):
     from mlflow.exceptions import MlflowException
 
     try:
-        client.create_registered_model(name, description="DCGAN generator: latents (N, latent_dim) -> images")
+        client.create_registered_model(name, description=REGISTERED_DESCRIPTION)
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # another run of a sweep made it first
             raise
