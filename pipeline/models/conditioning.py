@@ -64,6 +64,29 @@ def projection(embedding: nn.Module, features: torch.Tensor, labels: torch.Tenso
     return (embedding(labels) * pooled).sum(1)
 
 
+class ProjectionDiscriminator(nn.Module):
+    """Both discriminators' forward: `self.net` (a Sequential whose last layer is the plain head
+    psi, one logit) and, with classes, `self.embed` from `add_class_embedding`."""
+
+    num_classes = 0
+
+    def add_class_embedding(self, num_classes: int, width: int, wrap=lambda module: module) -> None:
+        """One embedding row per class, as wide as D's last features; wrap: D's normalisation
+        of its weights (spectral norm, as Miyato & Koyama normalise theirs)."""
+        self.num_classes = num_classes
+        if num_classes:
+            embed = nn.Embedding(num_classes, width)
+            nn.init.normal_(embed.weight, 0.0, 0.02)
+            self.embed = wrap(embed)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        check_labels(self.num_classes, labels)
+        if not self.num_classes:
+            return self.net(x).flatten()
+        features = self.net[:-1](x)
+        return self.net[-1](features).flatten() + projection(self.embed, features, labels)
+
+
 def class_labels(num_classes: int, n: int, chosen: int | None = None, start: int = 0) -> torch.Tensor | None:
     """The labels of images start..start+n-1 of a sample: None for an unconditional generator;
     `chosen` for each; otherwise the classes in turn (image i gets class i mod C), so a sample

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from pipeline.models.conditioning import Conditioned, batch_norm, check_labels, projection
+from pipeline.models.conditioning import Conditioned, ProjectionDiscriminator, batch_norm, check_labels
 
 RESOLUTIONS = (32, 64, 128)
 
@@ -67,12 +67,11 @@ class Generator(nn.Module):
         return self.net(z.view(z.shape[0], self.latent_dim, 1, 1), labels)
 
 
-class Discriminator(nn.Module):
+class Discriminator(ProjectionDiscriminator):
     def __init__(
         self, resolution: int = 64, channels: int = 3, width: int = 64, norm: str = "batch", num_classes: int = 0
     ):
         super().__init__()
-        self.num_classes = num_classes
         if norm not in ("batch", "spectral", "none"):
             raise ValueError(f"norm must be batch, spectral or none, got {norm!r}")
         depth = _depth(resolution)
@@ -86,15 +85,5 @@ class Discriminator(nn.Module):
             layers.append(nn.LeakyReLU(0.2, True))
         layers.append(wrap(nn.Conv2d(widths[-1], 1, 4, 1, 0, bias=False)))
         self.net = nn.Sequential(*layers)
-        if num_classes:  # one embedding row per class, as wide as D's last features
-            embed = nn.Embedding(num_classes, widths[-1])
-            nn.init.normal_(embed.weight, 0.0, 0.02)
-            self.embed = wrap(embed)
+        self.add_class_embedding(num_classes, widths[-1], wrap)
         init_dcgan_weights(self)
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        check_labels(self.num_classes, labels)
-        if not self.num_classes:
-            return self.net(x).flatten()
-        features = self.net[:-1](x)
-        return self.net[-1](features).flatten() + projection(self.embed, features, labels)

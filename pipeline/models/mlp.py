@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.models.conditioning import ClassBatchNorm, Conditioned, check_labels, projection
+from pipeline.models.conditioning import ClassBatchNorm, Conditioned, ProjectionDiscriminator, check_labels
 
 
 class Generator(nn.Module):
@@ -39,10 +39,9 @@ class Generator(nn.Module):
         return self.net(z.view(z.shape[0], self.latent_dim), labels).view(z.shape[0], *self.shape)
 
 
-class Discriminator(nn.Module):
+class Discriminator(ProjectionDiscriminator):
     def __init__(self, resolution: int = 32, channels: int = 1, width: int = 256, num_classes: int = 0):
         super().__init__()
-        self.num_classes = num_classes
         self.net = nn.Sequential(
             nn.Flatten(),
             nn.Linear(channels * resolution * resolution, width),
@@ -51,13 +50,4 @@ class Discriminator(nn.Module):
             nn.ReLU(True),
             nn.Linear(width, 1),
         )
-        if num_classes:
-            self.embed = nn.Embedding(num_classes, width)
-            nn.init.normal_(self.embed.weight, 0.0, 0.02)
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        check_labels(self.num_classes, labels)
-        if not self.num_classes:
-            return self.net(x).flatten()
-        features = self.net[:-1](x)
-        return self.net[-1](features).flatten() + projection(self.embed, features, labels)
+        self.add_class_embedding(num_classes, width)
