@@ -7,7 +7,9 @@ Figures: images/s through the TF-FID Inception (5.7 GFLOPs per 299x299 image), t
 FID's seconds, and the achieved GFLOP/s. Baseline, in the same process: the device's
 measured fp32 matmul rate (TF32 off), so the ratio is the share of fp32 peak that FID reaches.
 Also the cost of precision/recall/density/coverage on top (k = 5, the same n features on
-each side), in seconds and as a share of the FID's seconds (goal: under 10%).
+each side) and of the Inception Score (10 splits; the 1008 x 2048 softmax layer with random
+weights of the real one's shape: the real layer is a GitHub download, and its cost does not
+depend on its values), in seconds and as a share of the FID's seconds (goal: under 10%).
 """
 
 import argparse
@@ -18,7 +20,7 @@ from harness import report
 
 from pipeline.evaluation.fid import compare, generated_stats
 from pipeline.evaluation.inception import InceptionFeatures
-from pipeline.evaluation.stats import precision_recall_density_coverage
+from pipeline.evaluation.stats import inception_score, precision_recall_density_coverage
 from pipeline.models.dcgan import Generator
 
 GFLOP_PER_IMAGE = 5.7
@@ -57,6 +59,11 @@ def main() -> None:
     prdc = precision_recall_density_coverage(stats.kid_features, stats.kid_features, 5, device=device)
     prdc_seconds = time.perf_counter() - started
     print(f"precision/recall/density/coverage of {args.n} vs {args.n}: {prdc_seconds:.2f} s ({prdc})")
+    extractor.softmax_weights = torch.randn(1008, 2048, generator=torch.Generator().manual_seed(0)) * 0.05
+    started = time.perf_counter()
+    score = inception_score(extractor.logits(stats.kid_features), 10)
+    is_seconds = time.perf_counter() - started
+    print(f"Inception Score of {args.n} (random softmax layer): {is_seconds:.3f} s ({score[0]:.3f} +- {score[1]:.3f})")
     rate = args.n / seconds
     peak = matmul_gflops(device, 8192 if cuda else 2048)
     achieved = rate * GFLOP_PER_IMAGE
@@ -73,6 +80,8 @@ def main() -> None:
             "gflops": round(achieved, 1),
             "prdc_seconds": round(prdc_seconds, 3),
             "prdc_share_of_fid": round(prdc_seconds / seconds, 4),
+            "is_seconds": round(is_seconds, 3),
+            "new_metrics_share_of_fid": round((prdc_seconds + is_seconds) / seconds, 4),
         },
         {"fp32_matmul_gflops": round(peak, 1)},
         achieved / peak,

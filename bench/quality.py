@@ -16,6 +16,10 @@ checkpoint writes included: what a user waits), on this machine with every core 
     python bench/quality.py --train-images 1000 --label diffaugment 'train.augment=[translation,cutout,color]'
 
 --train-images N trains on the first N training digits only (the floor still uses 2000).
+A class-conditional config (configs/mnist32_cond.yaml) is also scored on class accuracy: a digit
+classifier is trained here on the training digits (its test accuracy is reported beside it,
+bench/digit_classifier.py) and judges 2000 class-balanced generated digits.
+
 Prints a table (step, train minutes, FID, KID, FID/floor, precision, recall) and ends with one JSON line;
 --out appends that line to a JSON-lines file (docs/lab-log.md, "Sample quality", is built from one).
 """
@@ -33,6 +37,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from digit_classifier import class_accuracy, train_classifier
 from harness import PlainLoop, report
 
 from pipeline.checkpoint import read_meta
@@ -51,13 +56,13 @@ class RunningStatistics(nn.Module):
 
     def __init__(self, generator: nn.Module):
         super().__init__()
-        self.generator, self.latent_dim = generator, generator.latent_dim
+        self.generator, self.latent_dim, self.num_classes = generator, generator.latent_dim, generator.num_classes
 
     def train(self, mode: bool = True):
         return super().train(False)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.generator(z)
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.generator(z, labels)
 
 
 def data_folders(root: Path) -> tuple[Path, Path]:
@@ -161,9 +166,8 @@ def main() -> None:
 
     limited = ensure_data(args.data_root, args.train_images)
     train_digits, test_digits = data_folders(args.data_root)
-    if limited:
-        args.overrides = [f"data.shards={limited}", *args.overrides]
-    config = load_config(REPO / args.config, args.overrides)
+    data = [f"data.shards={limited or train_digits}"]  # the digits under --data-root, whatever the config names
+    config = load_config(REPO / args.config, data + args.overrides)
     steps = args.steps or config.train.steps
     if args.plain:
         run_dir, checkpoints = train_plain(config, steps, args.eval_every, REPO / args.run_root, train_digits)
@@ -172,11 +176,13 @@ def main() -> None:
         checkpoints = [(p, None) for p in sorted((run_dir / "checkpoints").glob("step_*")) if p.is_dir()]
     else:
         run_dir, checkpoints = train(
-            args.config, args.ranks, steps, args.eval_every, REPO / args.run_root, args.overrides
+            args.config, args.ranks, steps, args.eval_every, REPO / args.run_root, data + args.overrides
         )
 
     ev = config.eval
-    extractor = InceptionFeatures(torch.device("cpu"), ev.inception_weights, ev.allow_nonstandard_weights)
+    extractor = InceptionFeatures(
+        torch.device("cpu"), ev.inception_weights, ev.allow_nonstandard_weights, ev.inception_classifier
+    )
     kid_args = (ev.kid_subsets, min(ev.kid_subset_size, args.n), ev.seed, ev.prdc_k)
 
     def stats(path: Path):
@@ -184,6 +190,10 @@ def main() -> None:
 
     test = stats(test_digits)
     floor = compare(stats(train_digits), test, extractor, *kid_args)
+    judge, judge_accuracy = None, None
+    if config.model.conditional:  # class accuracy needs a judge: trained here, on the training digits
+        judge, judge_accuracy = train_classifier(train_digits, test_digits)
+        print(f"digit classifier: {judge_accuracy:.2%} on the test digits", flush=True)
     wanted = {int(s) for s in args.steps_scored.split(",")} if args.steps_scored else None
     rows = []
     for path, seconds in checkpoints:
@@ -194,7 +204,7 @@ def main() -> None:
             if variant == "raw-running":
                 generator = RunningStatistics(generator)
             generated = generated_stats(extractor, generator, args.n, ev.batch_size, ev.seed)
-            scored = compare(generated, test, extractor, *kid_args)
+            scored = compare(generated, test, extractor, *kid_args, ev.is_splits)
             rows.append(
                 {
                     "step": payload["step"],
@@ -204,9 +214,18 @@ def main() -> None:
                     "kid": round(scored["kid"], 5),
                     "fid_over_floor": round(scored["fid"] / floor["fid"], 2),
                     **{name: round(scored[name], 4) for name in ("precision", "recall", "density", "coverage")},
+                    **{
+                        name: round(scored[name], 3)
+                        for name in ("inception_score", "inception_score_std")
+                        if name in scored
+                    },
                     "ema": payload["ema"],
                 }
             )
+            if judge is not None:
+                rows[-1]["class_accuracy"], rows[-1]["class_accuracy_per_class"] = class_accuracy(
+                    judge, generator, args.n, ev.seed
+                )
             print(json.dumps(rows[-1]), flush=True)
 
     print(f"\nfloor (n={args.n} train vs {args.n} test): FID {floor['fid']:.2f}  KID {floor['kid']:.5f}")
@@ -215,7 +234,11 @@ def main() -> None:
     for r in rows:
         minutes = "-" if r["train_min"] is None else f"{r['train_min']:.2f}"
         scores = f"{r['fid']:>7.2f} {r['kid']:>8.5f} {r['fid_over_floor']:>9.2f}"
-        print(f"{r['step']:>6} {r['variant']:>11} {minutes:>9} {scores} {r['precision']:>6.3f} {r['recall']:>6.3f}")
+        accuracy = f" class accuracy {r['class_accuracy']:.2%}" if "class_accuracy" in r else ""
+        print(
+            f"{r['step']:>6} {r['variant']:>11} {minutes:>9} {scores} {r['precision']:>6.3f} {r['recall']:>6.3f}"
+            + accuracy
+        )
     final = next(r for r in reversed(rows) if r["variant"] == rows[0]["variant"])
     label = args.label or (" ".join(args.overrides) or "as shipped")
     world_size = 1 if args.plain else read_meta(checkpoints[-1][0])["world_size"]
@@ -227,6 +250,7 @@ def main() -> None:
             "train_min": final["train_min"],
             "step": final["step"],
             **{name: final[name] for name in ("precision", "recall", "density", "coverage")},
+            **({"class_accuracy": final["class_accuracy"]} if judge is not None else {}),
             "rows": rows,
         },
         {
@@ -234,6 +258,7 @@ def main() -> None:
             "floor_kid": round(floor["kid"], 5),
             **{f"floor_{name}": round(floor[name], 4) for name in ("precision", "recall", "density", "coverage")},
             "n": args.n,
+            **({"classifier_test_accuracy": round(judge_accuracy, 4)} if judge is not None else {}),
         },
         final["fid"] / floor["fid"],
         config=args.config,

@@ -66,9 +66,7 @@ def main():
         trainer = bench_trainer(config, info, run_dir)
         tracker = MlflowTracker(config.tracking, tmp / "runs")
         null = NullTracker()
-        RunRecords(run_dir, config, null).write_setup(
-            {"g": trainer.g_engine.ds_config, "d": trainer.d_engine.ds_config}
-        )
+        RunRecords(run_dir, config, null).write_setup(trainer)
         start_tracking(trainer, tracker, run_dir, None, [], None, None)
 
         def timed(which):

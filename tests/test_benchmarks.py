@@ -106,6 +106,23 @@ def test_quality_benchmark_runs_on_its_own_data(tmp_path):
     assert line["figures"]["step"] == 2 and line["baseline"]["n"] == 20
 
 
+def test_the_digit_classifier_judges_a_conditional_generator(tmp_path):
+    """bench/digit_classifier.py on 256 digits (the benchmark trains it on 60,000): it learns
+    something, and class accuracy is a share, per class and overall."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from digit_classifier import class_accuracy, train_classifier
+
+    from pipeline.data.prepare import Transform, prepare
+    from pipeline.models import build_generator
+
+    for folder, source in (("train", "mnist"), ("test", "mnist:test")):
+        prepare(source, tmp_path / folder, Transform(32, 1), limit=256, progress=False)
+    judge, accuracy = train_classifier(tmp_path / "train", tmp_path / "test", epochs=2)
+    assert 0.3 < accuracy <= 1.0  # chance is 0.1
+    overall, per_class = class_accuracy(judge, build_generator("dcgan", 32, 1, 100, 16, num_classes=10), n=40)
+    assert 0 <= overall <= 1 and len(per_class) == 10 and overall == pytest.approx(sum(per_class) / 10)
+
+
 def test_scale_plan_benchmark_runs():
     """Small sizes; the coverage check inside it is exact and fails the run if it fails."""
     line = bench("scale_plan.py", "--sizes", "1e5", "--worlds", "8,64", "--elastic", "64,40", "--coverage", "1e5,16,10")
