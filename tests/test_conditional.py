@@ -105,18 +105,20 @@ def test_a_conditional_trainer_takes_its_classes_from_the_manifest(dist_single, 
         Trainer(wrong, dist_single, tmp_path / "run2")
 
 
-def test_a_dataset_without_labels_is_refused_in_one_line(tmp_path):
+def test_a_dataset_without_labels_is_refused_in_one_line(dist_single, tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.data.prepare import Transform, prepare
+
     make_npz(tmp_path / "digits.npz", 64, side=32)
-    prepared = run_cli(
-        "prepare", str(tmp_path / "digits.npz"), str(tmp_path / "shards"), "--no-labels", "--no-progress"
+    prepare(str(tmp_path / "digits.npz"), tmp_path / "shards", Transform(32, 1), use_labels=False, progress=False)
+    unlabelled = load_config(None, train_overrides(tmp_path / "shards", tmp_path, "model.conditional=true"))
+    with pytest.raises(UserError, match=r"model.conditional needs class labels and data .* has none"):
+        Trainer(unlabelled, dist_single, tmp_path / "run")
+    assert main(["train", *train_overrides(tmp_path / "shards", tmp_path, "model.num_classes=10")]) == 2
+    assert (
+        "model.num_classes is for class-conditional training: set model.conditional: true too"
+        in capsys.readouterr().err
     )
-    assert prepared.returncode == 0, prepared.stderr[-2000:]
-    result = run_cli("train", *train_overrides(tmp_path / "shards", tmp_path, "model.conditional=true"))
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: model.conditional needs class labels and data ")
-    assert "Traceback" not in result.stderr
-    refused = run_cli("train", *train_overrides(tmp_path / "shards", tmp_path, "model.num_classes=10"))
-    assert refused.returncode == 2 and "set model.conditional: true too" in refused.stderr
 
 
 MLFLOW_DRAWS_A_CLASS = """
@@ -137,9 +139,17 @@ print(json.dumps({"shape": list(sevens.shape), "differ": float(np.abs(sevens - t
 
 
 @pytest.mark.slow
-def test_a_conditional_run_end_to_end(mnist_shards, tmp_path):
-    """Train (grids with a row per class, the MLflow model with the class column), then
-    `sample --class` and `export --class` from the run."""
+def test_a_conditional_run_end_to_end(mnist_shards, tmp_path, capsys):
+    """Train through the CLI (grids with a row per class, the MLflow model with the class
+    column), then `sample --class` and `export --class` from the run (in-process: each would
+    otherwise pay ~3 s of imports)."""
+    from pipeline.cli import main
+
+    def cli(*args) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = train_overrides(
         mnist_shards, tmp_path, "model.conditional=true", "train.steps=2", "train.run_name=c",
@@ -151,18 +161,13 @@ def test_a_conditional_run_end_to_end(mnist_shards, tmp_path):
     grid = Image.open(run_dir / "samples" / "step_0000000.png")
     assert grid.size == (3 * 34 + 2, 10 * 34 + 2)  # 10 rows (classes) of 3 latents, 32 px + 2 px padding
 
-    sample = run_cli(
-        "sample", "--checkpoint", str(run_dir), "--n", "6", "--class", "4", "--out", str(tmp_path / "4.png")
-    )
-    assert sample.returncode == 0 and "6 samples of class 4" in sample.stdout, sample.stderr[-2000:]
-    bad = run_cli("sample", "--checkpoint", str(run_dir), "--class", "10", "--out", str(tmp_path / "x.png"))
-    assert bad.returncode == 2 and "class 10 is outside this generator's classes 0-9" in bad.stderr
-    exported = run_cli("export", "--checkpoint", str(run_dir), "--class", "4", "--out", str(tmp_path / "g4.pt"))
-    assert exported.returncode == 0, exported.stderr[-2000:]
-    from_export = run_cli(
-        "sample", "--checkpoint", str(tmp_path / "g4.pt"), "--n", "6", "--out", str(tmp_path / "e.png")
-    )
-    assert "6 samples of class 4" in from_export.stdout
+    code, out, err = cli("sample", "--checkpoint", run_dir, "--n", 6, "--class", 4, "--out", tmp_path / "4.png")
+    assert code == 0 and "6 samples of class 4" in out, err
+    code, _, err = cli("sample", "--checkpoint", run_dir, "--class", 10, "--out", tmp_path / "x.png")
+    assert code == 2 and "class 10 is outside this generator's classes 0-9" in err
+    assert cli("export", "--checkpoint", run_dir, "--class", 4, "--out", tmp_path / "g4.pt")[0] == 0
+    code, out, _ = cli("sample", "--checkpoint", tmp_path / "g4.pt", "--n", 6, "--out", tmp_path / "e.png")
+    assert code == 0 and "6 samples of class 4" in out
     assert np.array_equal(np.asarray(Image.open(tmp_path / "4.png")), np.asarray(Image.open(tmp_path / "e.png")))
 
     model_uri = next(line for line in trained.stderr.splitlines() if "mlflow.pytorch.load_model" in line)
